@@ -101,7 +101,7 @@ class SampleConfig:
 class EvalConfig:
     classifier_train_size: int = 6000
     classifier_test_size: int = 1000
-    classifier_epochs: int = 4
+    classifier_epochs: int = 8
     images_per_prompt: int = 3
     batch_size: int = 64
 

@@ -38,10 +38,13 @@ CLASSIFIER_SEED = 777  # its own seed: the classifier never sees the diffusion m
 
 
 class AttributeClassifier(nn.Module):
+    """A small CNN with one linear head per attribute."""
+
     def __init__(self, width: int = 32):
         super().__init__()
-        chans = [3, width, width * 2, width * 4, width * 4]
-        layers: list[nn.Module] = []
+        chans = [width, width * 2, width * 4, width * 4]
+        # A strided stem halves the resolution at once: most of the cost of a CNN is at full size.
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, stride=2), nn.BatchNorm2d(width), nn.SiLU()]
         for cin, cout in zip(chans, chans[1:]):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
                        nn.Conv2d(cout, cout, 3, padding=1, stride=2), nn.BatchNorm2d(cout), nn.SiLU()]

@@ -1,0 +1,45 @@
+"""The main job end to end, as a user runs it, on the micro config."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import MICRO, PARAMS
+
+
+def blossom(*args, cwd):
+    cmd = [sys.executable, "-m", "blossom.cli", "--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.mark.slow
+def test_run_then_generate(tmp_path):
+    out = tmp_path / "outputs"
+    res = blossom("--set", f"outputs={out}", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "petal_color" in res.stdout and "stage seconds" in res.stdout
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["adherence"]["seen"]["n"] == 35 and metrics["adherence"]["held_out"]["n"] == 5
+    assert 0 <= metrics["adherence"]["all"]["petal_color"] <= 1 and metrics["val_loss"] > 0
+    grid = Image.open(out / "eval" / "samples.png")
+    assert grid.size == (5 * 32, 8 * 32)  # backgrounds across, petal colours down
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["seconds"]) == {"data", "train-vae", "cache", "train", "evaluate"}
+    for stage in ("data", "vae", "train", "eval"):
+        assert (out / stage / "config.yaml").exists()
+
+    gen = blossom("--set", f"outputs={out}", "generate", "a pink flower with six thin petals at night",
+                  "--n", "3", "--steps", "5", "--seed", "1", "--out", str(tmp_path / "gen"), cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    pngs = sorted((tmp_path / "gen").glob("*.png"))
+    assert [p.name for p in pngs] == ["000.png", "001.png", "002.png"]
+    assert Image.open(pngs[0]).size == (32, 32)
+
+    resumed = blossom("--set", f"outputs={out}", "--set", "train.steps=6", "train", "--resume", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step-000004 at step 4" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in (out / "train" / "stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
