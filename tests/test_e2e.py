@@ -28,7 +28,7 @@ def test_run_then_generate(tmp_path):
     assert grid.size == (5 * 32, 8 * 32)  # backgrounds across, petal colours down
     run = json.loads((out / "run.json").read_text())
     assert set(run["seconds"]) == {"data", "train-vae", "cache", "train", "evaluate"}
-    for stage in ("data", "vae", "train", "eval"):
+    for stage in ("data", "vae", "cache", "train", "eval"):
         assert (out / stage / "config.yaml").exists()
 
     gen = blossom("--set", f"outputs={out}", "generate", "a pink flower with six thin petals at night",

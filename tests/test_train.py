@@ -57,3 +57,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_pat
     assert [s for s, _ in result["val_history"]] == [2, 4]
     steps = [json.loads(line)["step"] for line in (cut / "stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the killed run's step-3 line was dropped, not duplicated
+
+
+def test_a_fresh_run_does_not_keep_an_older_runs_checkpoints(micro_prepared, tmp_path):
+    import dataclasses
+
+    cfg, paths = micro_prepared
+    out = tmp_path / "train"
+    train_diffusion(cfg, paths.cache, paths.vae, out)
+    shorter = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2))
+    train_diffusion(shorter, paths.cache, paths.vae, out)
+    # Without clearing, pruning would keep the old step-4 folder beside the new run's step 2.
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"

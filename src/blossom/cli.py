@@ -84,6 +84,7 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
     from blossom.models import load_text_encoder, load_vae
 
     info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), load_text_encoder(cfg.text), cfg.data.image_size)
+    save_config(cfg, paths.cache / "config.yaml")
     print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
 
 

@@ -147,8 +147,9 @@ def adherence(classifier: AttributeClassifier, images: np.ndarray, flowers: list
 
 
 def evaluate(cfg: Config, backend, classifier_dir: Path, out_dir: Path, train_info: dict | None = None) -> dict:
-    if not (classifier_dir / "classifier.safetensors").exists():
-        train_classifier(cfg, classifier_dir)
+    info = classifier_dir / "classifier.json"
+    if not info.exists() or json.loads(info.read_text())["image_size"] != cfg.data.image_size:
+        train_classifier(cfg, classifier_dir)  # trained once per image size, then reused by every run
     classifier, ceiling = load_classifier(classifier_dir)
     s, e = cfg.sample, cfg.evaluate
     flowers = eval_flowers(e.images_per_prompt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"
     start, val_history, stats = 0, [], []
+    if not resume and (ckpt_dir / "latest").exists():
+        # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
+        log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
+        shutil.rmtree(ckpt_dir)
     if resume:
         path = ckpt.resolve(ckpt_dir, resume)
         state = ckpt.load_checkpoint(path, unet, ema, optimizer, lr_scheduler, gen)
@@ -194,7 +199,6 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
 def write_model_files(cfg: Config, vae_dir: Path, folder: Path, train_info: dict) -> None:
     """Everything but the UNet that inference needs, beside it (see backends.py for the layout)."""
     import dataclasses
-    import shutil
 
     (folder / "vae").mkdir()
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
