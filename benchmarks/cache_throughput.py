@@ -38,7 +38,7 @@ def main() -> None:
     with torch.no_grad():
         cached_latents = vae.encode(images).latent_dist.mode()
         cached_text = encoder(captions)
-    unet = build_unet(cfg, encoder.dim, cfg.vae.latent_channels)
+    unet = build_unet(cfg, encoder.dim, tuple(cached_latents.shape[1:]))
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     sched = noise_scheduler(cfg)
 

@@ -40,7 +40,6 @@ class TorchBackend:
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-        self._null: torch.Tensor | None = None
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(prompts)

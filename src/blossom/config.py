@@ -140,7 +140,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 return _check_type(value, arg, key)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[0] if errors else ConfigError(f"{key}: must not be null")
+        raise errors[0] if errors else ConfigError(f"config key '{key}' must not be null")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")

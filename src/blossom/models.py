@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,6 @@ log = logging.getLogger(__name__)
 
 
 def set_threads(n: int) -> None:
-    import os
-
     torch.set_num_threads(n or len(os.sched_getaffinity(0)))
 
 
@@ -106,17 +105,14 @@ def load_vae(path: str | Path):
     return vae.requires_grad_(False).eval()
 
 
-def vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def build_unet(cfg: Config, cross_attention_dim: int, latent_channels: int):
+def build_unet(cfg: Config, cross_attention_dim: int, latent_shape: tuple[int, int, int]):
+    """latent_shape (channels, height, width) comes from the VAE in use, which may be a pretrained one."""
     from diffusers import UNet2DConditionModel
 
     u = cfg.unet
-    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    latent_channels = latent_shape[0]
     return UNet2DConditionModel(
-        sample_size=cfg.data.image_size // down,
+        sample_size=latent_shape[-1],
         in_channels=latent_channels,
         out_channels=latent_channels,
         down_block_types=tuple(u.down_block_types),

@@ -100,7 +100,7 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     latents, text, null_text = data["latents"], data["text"], data["null_text"]
     val_data = {"latents": val["latents"], "text": val["text"]}
 
-    unet = build_unet(cfg, cross_attention_dim=text.shape[-1], latent_channels=latents.shape[1])
+    unet = build_unet(cfg, cross_attention_dim=text.shape[-1], latent_shape=tuple(latents.shape[1:]))
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
