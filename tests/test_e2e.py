@@ -38,6 +38,12 @@ def test_run_then_generate(tmp_path):
     assert [p.name for p in pngs] == ["000.png", "001.png", "002.png"]
     assert Image.open(pngs[0]).size == (32, 32)
 
+    tracked = blossom("--set", f"outputs={out}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "promote",
+                      cwd=tmp_path)
+    assert tracked.returncode == 0, tracked.stderr[-2000:]
+    assert "version 1" in tracked.stdout and "promoted to champion" in tracked.stdout
+    assert json.loads((out / "champion" / "champion.json").read_text())["version"] == "1"
+
     resumed = blossom("--set", f"outputs={out}", "--set", "train.steps=6", "train", "--resume", "latest", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step-000004 at step 4" in resumed.stderr

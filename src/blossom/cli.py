@@ -51,6 +51,10 @@ class Paths:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    @property
+    def champion(self) -> Path:
+        return self.root / "champion"
+
 
 def vae_dir(cfg: Config, paths: Paths) -> Path:
     return Path(cfg.vae.pretrained) if cfg.vae.pretrained else paths.vae
@@ -109,6 +113,17 @@ def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
     print(f"adherence -> {paths.eval / 'metrics.json'}, samples -> {paths.eval / 'samples.png'}")
     print(format_table(metrics))
     return metrics
+
+
+def cmd_promote(cfg: Config, paths: Paths, args) -> dict:
+    """Log the trained model to MLflow, then make it the champion only if its val loss is better."""
+    from blossom.tracking import log_training_run, promote
+
+    candidate = log_training_run(cfg, paths.train, paths.eval)
+    result = promote(cfg, candidate, paths.champion)
+    verdict = "promoted to champion" if result["promoted"] else f"kept champion version {result['version']}"
+    print(f"promote: version {candidate['version']} (val loss {candidate['val_loss']:.5f}) {verdict} -> {paths.champion}")
+    return result
 
 
 def cmd_generate(cfg: Config, paths: Paths, args) -> None:
@@ -170,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="'latest' or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
     sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
+    sub.add_parser("promote", help="log the run to MLflow; promote it to champion if its val loss is better").set_defaults(
+        fn=cmd_promote)
     s = sub.add_parser("generate", help="generate images for a prompt")
     s.add_argument("prompt")
     s.add_argument("--n", type=int, default=1, help="number of images")
@@ -188,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.params, args.preset, args.set)

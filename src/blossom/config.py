@@ -107,6 +107,16 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # MLflow tracking URI; MLFLOW_TRACKING_URI (any server) wins over it.
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "blossom"
+    model_name: str = "blossom"
+    # A new model becomes the champion only if its validation loss is lower by more than this.
+    promote_tolerance: float = 1e-4
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     outputs: str = "outputs"
@@ -118,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def out(self) -> Path:
@@ -228,6 +239,8 @@ def load_config(
         _set(raw, key, value)
     if "BLOSSOM_OUTPUTS" in os.environ:
         raw["outputs"] = os.environ["BLOSSOM_OUTPUTS"]
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raw.setdefault("tracking", {})["uri"] = os.environ["MLFLOW_TRACKING_URI"]
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg

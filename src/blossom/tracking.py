@@ -1,0 +1,156 @@
+"""MLflow: one run per trained model, a registered model with a version per run, and the
+`champion` alias that only a better validation loss moves.
+
+The champion lives in the MLflow registry, not in a file under outputs/, so it survives DVC
+removing stage outputs before a stage runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from blossom.config import Config
+from blossom.errors import BlossomError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+class TrackingError(BlossomError):
+    pass
+
+
+def redact(text: str) -> str:
+    """The text with the user:password part of any URL in it removed, safe to log."""
+    return re.sub(r"//[^/@\s]+@", "//", text)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+    return flat
+
+
+def _client(cfg: Config):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    return MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+
+
+def _guard(what: str, cfg: Config):
+    """Turn MLflow's connection and store errors into one line that says what to check."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except (MlflowException, ConnectionError, OSError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = redact(first)  # MLflow's messages repeat the URI, password included
+            raise TrackingError(
+                f"MLflow {what} failed at {redact(cfg.tracking.uri)} ({first}): "
+                "check MLFLOW_TRACKING_URI, the server and its credentials"
+            ) from None
+
+    return ctx()
+
+
+def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
+    """Log a finished training run (params, curves, metrics, images, model) and register its model."""
+    import mlflow
+
+    model_dir = train_dir / "model"
+    train_info = json.loads((model_dir / "train.json").read_text())
+    metrics_path = eval_dir / "metrics.json"
+    eval_metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    stats = [json.loads(line) for line in (train_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.uri")}
+
+    with _guard("logging", cfg):
+        client = _client(cfg)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        with mlflow.start_run(run_name=f"{cfg.preset}-{train_info['steps']}steps") as run:
+            mlflow.set_tag("tracking_uri", redact(cfg.tracking.uri))
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+                mlflow.log_params(dict(items[i : i + 100]))
+            for row in stats:
+                values = {"loss": row["loss"], "lr": row["lr"], "images_per_s": row["images_per_s"],
+                          "grad_norm": row["grad_norm"]}
+                values.update({f"loss_t{b}": v for b, v in enumerate(row["loss_by_t_bin"])})
+                mlflow.log_metrics(values, step=row["step"])
+            for step, value in train_info["val_history"]:
+                mlflow.log_metric("val_loss", value, step=step)
+            if eval_metrics:
+                for group, scores in eval_metrics["adherence"].items():
+                    mlflow.log_metrics({f"adherence.{group}.{k}": v for k, v in scores.items() if k != "n"})
+                mlflow.log_metrics({f"ceiling.{k}": v for k, v in eval_metrics["ceiling"].items()})
+                mlflow.log_artifact(str(eval_dir / "samples.png"), "images")
+                mlflow.log_artifact(str(metrics_path))
+            mlflow.log_artifact(str(train_dir / "loss_curve.png"), "images")
+            mlflow.log_artifacts(str(model_dir), "model")
+            run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
+        if not client.search_registered_models(filter_string=f"name = '{cfg.tracking.model_name}'"):
+            client.create_registered_model(cfg.tracking.model_name)
+        version = client.create_model_version(cfg.tracking.model_name, source=f"{artifact_uri}/model", run_id=run_id)
+    log.info("MLflow run %s, %s version %s", run_id, cfg.tracking.model_name, version.version)
+    return {"run_id": run_id, "version": str(version.version), "val_loss": train_info["val_loss"]}
+
+
+def champion(cfg: Config) -> dict | None:
+    from mlflow.exceptions import MlflowException
+
+    with _guard("registry lookup", cfg):
+        client = _client(cfg)
+        try:
+            mv = client.get_model_version_by_alias(cfg.tracking.model_name, CHAMPION)
+        except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "not found" in str(e).lower():
+                return None
+            raise
+        val = client.get_run(mv.run_id).data.metrics["val_loss"]
+    return {"version": str(mv.version), "run_id": mv.run_id, "val_loss": val, "source": mv.source}
+
+
+def promote(cfg: Config, candidate: dict, out_dir: Path) -> dict:
+    """Move `champion` to the candidate version only if its val loss beats the champion's by the
+    tolerance; then write the champion's model folder and identity to out_dir. When nothing
+    improves, out_dir gets byte-identical content, so downstream DVC stages do not rerun."""
+    import mlflow
+
+    from blossom.fsutil import atomic_dir, write_json
+
+    current = champion(cfg)
+    improved = current is None or candidate["val_loss"] < current["val_loss"] - cfg.tracking.promote_tolerance
+    if improved:
+        with _guard("promotion", cfg):
+            _client(cfg).set_registered_model_alias(cfg.tracking.model_name, CHAMPION, candidate["version"])
+        current = champion(cfg)
+    assert current is not None
+    identity = {k: current[k] for k in ("version", "run_id", "val_loss")}
+    marker = out_dir / "champion.json"
+    if marker.exists() and json.loads(marker.read_text()) == identity:
+        return {"promoted": improved, **identity}  # already in place, byte for byte
+    with atomic_dir(out_dir) as tmp, _guard("model download", cfg):
+        mlflow.artifacts.download_artifacts(artifact_uri=current["source"], dst_path=str(tmp))
+        downloaded = tmp / "model"
+        if downloaded.is_dir():
+            for item in downloaded.iterdir():
+                item.rename(tmp / item.name)
+            downloaded.rmdir()
+        write_json(tmp / "champion.json", identity)
+    return {"promoted": improved, **identity}
