@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from blossom.config import load_config
 from blossom.data import synthetic
 from blossom.models import build_unet, build_vae, load_text_encoder, noise_scheduler, set_threads
-from blossom.train.autoencoder import to_tensor
+from blossom.images import to_tensor
 
 
 def main() -> None:

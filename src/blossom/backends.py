@@ -15,6 +15,7 @@ import torch
 
 from blossom.config import TextConfig
 from blossom.errors import ModelError
+from blossom.images import to_uint8
 from blossom.models import load_text_encoder, load_vae
 
 
@@ -52,7 +53,7 @@ class TorchBackend:
     def decode(self, latents: torch.Tensor, batch: int = 64) -> np.ndarray:
         z = latents / self.vae.config.scaling_factor
         x = torch.cat([self.vae.decode(z[i : i + batch]).sample for i in range(0, len(z), batch)])
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return to_uint8(x)
 
 
 def load_backend(name: str, folder: str | Path):

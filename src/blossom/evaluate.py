@@ -24,7 +24,8 @@ from tqdm import tqdm
 from blossom.config import Config
 from blossom.data import synthetic
 from blossom.fsutil import atomic_dir, write_json
-from blossom.sampling import image_grid, sample
+from blossom.images import image_grid, to_tensor
+from blossom.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ def _procedural(seed: int, n: int, size: int, held_out: str) -> tuple[torch.Tens
         images.append(np.asarray(img))
         for k, values in HEADS.items():
             labels[k].append(values.index(getattr(flower, k)))
-    return _to_input(np.stack(images)), {k: torch.tensor(v) for k, v in labels.items()}
-
-
-def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return to_tensor(np.stack(images)), {k: torch.tensor(v) for k, v in labels.items()}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -134,7 +131,7 @@ def eval_flowers(images_per_prompt: int, seed: int = 4242) -> list[synthetic.Flo
 
 
 def adherence(classifier: AttributeClassifier, images: np.ndarray, flowers: list[synthetic.Flower]) -> dict:
-    pred = predict(classifier, _to_input(images))
+    pred = predict(classifier, to_tensor(images))
     held = torch.tensor([(f.petal_color, f.background) in synthetic.HELD_OUT for f in flowers])
     result = {}
     for group, mask in (("seen", ~held), ("held_out", held), ("all", torch.ones_like(held))):

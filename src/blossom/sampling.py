@@ -93,13 +93,3 @@ def sample(
         if progress:
             progress(i + 1, steps)
     return backend.decode(latents)
-
-
-def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
-    return grid

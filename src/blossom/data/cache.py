@@ -18,7 +18,7 @@ from blossom.data.folder import load_images, read_metadata
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir, write_json
 from blossom.models import TextEncoder
-from blossom.train.autoencoder import to_tensor
+from blossom.images import to_tensor
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,10 @@ from tqdm import tqdm
 from blossom.config import Config
 from blossom.data.folder import load_images, read_metadata
 from blossom.fsutil import atomic_dir, write_json
+from blossom.images import to_tensor, to_uint8
 from blossom.models import build_vae, n_params
 
 log = logging.getLogger(__name__)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
