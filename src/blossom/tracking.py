@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from blossom.config import Config
 from blossom.errors import BlossomError
@@ -48,25 +49,20 @@ def _client(cfg: Config):
     return MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
 
 
-def _guard(what: str, cfg: Config):
+@contextmanager
+def _guard(what: str, cfg: Config) -> Iterator[None]:
     """Turn MLflow's connection and store errors into one line that says what to check."""
-    from contextlib import contextmanager
+    from mlflow.exceptions import MlflowException
 
-    @contextmanager
-    def ctx():
-        from mlflow.exceptions import MlflowException
-
-        try:
-            yield
-        except (MlflowException, ConnectionError, OSError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            first = redact(first)  # MLflow's messages repeat the URI, password included
-            raise TrackingError(
-                f"MLflow {what} failed at {redact(cfg.tracking.uri)} ({first}): "
-                "check MLFLOW_TRACKING_URI, the server and its credentials"
-            ) from None
-
-    return ctx()
+    try:
+        yield
+    except (MlflowException, ConnectionError, OSError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = redact(first)  # MLflow's messages repeat the URI, password included
+        raise TrackingError(
+            f"MLflow {what} failed at {redact(cfg.tracking.uri)} ({first}): "
+            "check MLFLOW_TRACKING_URI, the server and its credentials"
+        ) from None
 
 
 def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
