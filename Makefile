@@ -1,4 +1,4 @@
-# The two commands a new user needs: `make run` (the main job on the tiny preset) and `make test`.
+# The two commands a new user needs: `make run` (the pipeline on the tiny preset) and `make test`.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The DVC pipeline (dvc.yaml): every stage in order, skipping those whose inputs did not change.
 run: install
-	$(BIN)/blossom run
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install
 	$(BIN)/pytest -q

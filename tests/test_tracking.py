@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from blossom.tracking import champion, flatten, log_training_run, promote, redact
+from blossom.config import redact
+from blossom.tracking import champion, flatten, log_training_run, promote
 from blossom.train.diffusion import train_diffusion
 
 

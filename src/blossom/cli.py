@@ -67,7 +67,7 @@ def cmd_data(cfg: Config, paths: Paths, args) -> None:
         cfg.data.source = args.source
     if args.path:
         cfg.data.path, cfg.data.source = args.path, "folder"
-    counts = make_dataset(cfg.data, paths.data)
+    counts = make_dataset(cfg.data, paths.data, cfg.caption)
     save_config(cfg, paths.data / "config.yaml")
     print(f"data: {counts['train']} training and {counts['val']} validation images in {paths.data}")
 
@@ -76,6 +76,7 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
     from blossom.train.autoencoder import train_vae
 
     if cfg.vae.pretrained:
+        save_config(cfg, paths.vae / "config.yaml")  # the stage's output names the VAE in use
         print(f"train-vae: skipped, using the pretrained VAE at {cfg.vae.pretrained}")
         return
     stats = train_vae(cfg, paths.data, paths.vae)
@@ -98,6 +99,49 @@ def cmd_train(cfg: Config, paths: Paths, args) -> dict:
     result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume)
     print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")
     return result
+
+
+def cmd_caption(cfg: Config, paths: Paths, args) -> dict:
+    from transformers import AutoTokenizer
+
+    from blossom.data.captions import caption_folder
+    from blossom.models import text_encoder_path
+
+    folder = args.folder or cfg.data.path
+    if not folder:
+        raise BlossomError("no folder to caption: pass one, e.g. blossom caption my_images/, or set data.path")
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(cfg.text.encoder))
+    counts = caption_folder(Path(folder), cfg.caption, lambda t: len(tokenizer(t)["input_ids"]), cfg.text.max_tokens)
+    print(f"caption: {counts['captioned']} captioned ({cfg.caption.backend}), {counts['kept']} already had one, "
+          f"{counts['failed']} failed, {counts['too_long']} longer than {cfg.text.max_tokens} tokens -> {folder}/metadata.jsonl")
+    return counts
+
+
+def cmd_push_data(cfg: Config, paths: Paths, args) -> None:
+    from blossom.config import redact
+    from blossom.datastore import push_data
+    from blossom.fsutil import write_json
+
+    sent = push_data(cfg.remote, Path.cwd())
+    # A small receipt as the DVC stage's output: where the data went, never with credentials.
+    write_json(paths.root / "push.json", {"remote": redact(cfg.remote.url), "endpoint": cfg.remote.endpoint})
+    print(f"push-data: {sent} file(s) sent to {redact(cfg.remote.url)}")
+
+
+def cmd_pull_data(cfg: Config, paths: Paths, args) -> None:
+    from blossom.config import redact
+    from blossom.datastore import pull_data
+
+    fetched = pull_data(cfg.remote, Path.cwd())
+    print(f"pull-data: {fetched} file(s) fetched from {redact(cfg.remote.url)} -> {paths.data}")
+
+
+def cmd_classifier(cfg: Config, paths: Paths, args) -> None:
+    from blossom.evaluate import train_classifier
+
+    ceiling = train_classifier(cfg, paths.classifier)
+    save_config(cfg, paths.classifier / "config.yaml")
+    print(f"classifier: accuracy on procedural flowers (the adherence ceiling) {ceiling} -> {paths.classifier}")
 
 
 def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
@@ -179,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", choices=["synthetic", "folder"])
     s.add_argument("--path", help="an image folder with metadata.jsonl (implies --source folder)")
     s.set_defaults(fn=cmd_data)
+    s = sub.add_parser("caption", help="caption the images in a folder that have no caption (resumable)")
+    s.add_argument("folder", nargs="?", help="an image folder (default: data.path); captions go to its metadata.jsonl")
+    s.set_defaults(fn=cmd_caption)
+    sub.add_parser("push-data", help="push the data set to the DVC remote (remote.url)").set_defaults(fn=cmd_push_data)
+    sub.add_parser("pull-data", help="fetch the data set from the DVC remote into outputs/data").set_defaults(
+        fn=cmd_pull_data)
     sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(fn=cmd_train_vae)
     sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
     s = sub.add_parser("train", help="train the diffusion UNet on the cache")
     s.add_argument("--resume", help="'latest' or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
+    sub.add_parser("classifier", help="train the attribute classifier that scores prompt adherence").set_defaults(
+        fn=cmd_classifier)
     sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
     sub.add_parser("promote", help="log the run to MLflow; promote it to champion if its val loss is better").set_defaults(
         fn=cmd_promote)
@@ -205,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow"):
+    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow", "aiobotocore", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.params, args.preset, args.set)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,11 +118,34 @@ class TrackingConfig:
 
 
 @dataclass
+class CaptionConfig:
+    # Images without a caption get one from `template` (their label or folder name; offline) or
+    # `florence2` (any transformers image-to-text model folder or hub id, Florence-2 by default).
+    backend: str = "template"
+    template: str = "a photo of a {label}"
+    model: str = "florence-community/Florence-2-base"
+    task: str = "<DETAILED_CAPTION>"
+    batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RemoteConfig:
+    # Where `blossom push-data` sends the data set: a local folder, or s3://bucket/prefix.
+    # Credentials never go here: S3 reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
+    url: str = "dvc-storage"
+    endpoint: str | None = None  # an S3-compatible server (MinIO, SeaweedFS, R2, ...); None: AWS
+    region: str | None = None
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     outputs: str = "outputs"
     threads: int = 0  # 0: one per core
     data: DataConfig = field(default_factory=DataConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     text: TextConfig = field(default_factory=TextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -252,13 +276,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
 
     for key in ("data.image_size", "data.train_size", "data.val_size", "vae.steps", "vae.batch_size",
-                "train.steps", "train.batch_size", "train.lr", "sample.steps", "text.max_tokens"):
+                "train.steps", "train.batch_size", "train.lr", "sample.steps", "text.max_tokens",
+                "caption.batch_size", "caption.max_new_tokens"):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
     if cfg.data.source not in ("synthetic", "folder"):
         raise ConfigError(f"data.source must be 'synthetic' or 'folder', got {cfg.data.source!r}")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("data.source is 'folder' but data.path is empty: set data.path to your image folder")
+    if cfg.caption.backend not in ("template", "florence2"):
+        raise ConfigError(f"caption.backend must be 'template' or 'florence2', got {cfg.caption.backend!r}")
+    for key, value in (("remote.url", cfg.remote.url), ("remote.endpoint", cfg.remote.endpoint),
+                       ("tracking.uri", cfg.tracking.uri)):
+        if value and re.search(r"//[^/@\s]+:[^/@\s]*@", value) and not _from_env(key, value):
+            raise ConfigError(f"{key} holds a password: remove it and put credentials in environment variables")
     if cfg.train.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(f"train.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.train.prediction_type!r}")
     if not 0 <= cfg.train.cfg_dropout < 1:
@@ -272,10 +303,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
 
 
+def _from_env(key: str, value: str) -> bool:
+    return key == "tracking.uri" and value == os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def redact(text: str) -> str:
+    """The text with the user:password part of any URL in it removed, safe to log or save."""
+    return re.sub(r"//[^/@\s]+@", "//", text)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config beside a stage's outputs; credentials that came from the environment are cut."""
     from blossom.fsutil import write_text
 
-    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    values = cfg.to_dict()
+    values["tracking"]["uri"] = redact(values["tracking"]["uri"])
+    write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

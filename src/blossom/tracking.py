@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from blossom.config import Config
+from blossom.config import Config, redact
 from blossom.errors import BlossomError
 
 log = logging.getLogger(__name__)
@@ -24,11 +23,6 @@ CHAMPION = "champion"
 
 class TrackingError(BlossomError):
     pass
-
-
-def redact(text: str) -> str:
-    """The text with the user:password part of any URL in it removed, safe to log."""
-    return re.sub(r"//[^/@\s]+@", "//", text)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

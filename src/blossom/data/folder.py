@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from blossom.config import DataConfig
+from blossom.config import CaptionConfig, DataConfig
 from blossom.data import synthetic
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir
@@ -104,11 +104,16 @@ def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Reco
     return np.stack(arrays), kept
 
 
-def import_folder(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
-    """Bring a user imagefolder into blossom's layout, resized, with a stable hash-based val split."""
+def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
+    """Bring a user imagefolder into blossom's layout, resized, with a stable hash-based val split.
+    Images without a caption are captioned first (into the folder's metadata.jsonl) when `caption` is given."""
+    from blossom.data.captions import caption_folder, needs_caption, scan
+
     src = Path(cfg.path or "")
     if not src.is_dir():
         raise DataError(f"data.path {src} is not a folder: point it at an image folder with metadata.jsonl")
+    if caption is not None and any(needs_caption(r) for r in scan(src)):
+        caption_folder(src, caption)
     records = read_metadata(src)
     if not records:
         raise DataError(f"{src}/metadata.jsonl has no captioned images: add rows with file_name and text")
@@ -137,7 +142,7 @@ def import_folder(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def make_dataset(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
+def make_dataset(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
     if cfg.source == "synthetic":
         return write_synthetic(cfg, out_dir)
-    return import_folder(cfg, out_dir)
+    return import_folder(cfg, out_dir, caption)

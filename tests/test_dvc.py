@@ -1,0 +1,129 @@
+"""The DVC pipeline: its params cover what each stage reads, and `dvc repro` reruns exactly what a change needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blossom.config import Config, _set, parse_override
+
+from conftest import MICRO, PARAMS
+
+ROOT = PARAMS.parent
+DVC = str(Path(sys.executable).parent / "dvc")
+
+# The config sections each stage reads (whole sections) or single keys of other sections.
+STAGE_READS = {
+    "data": ["data", "caption"],
+    "push-data": ["remote"],
+    "train-vae": ["vae", "data.image_size", "train.seed"],
+    "cache": ["text", "data.image_size", "vae.pretrained"],
+    "train": ["unet", "train", "text", "data.image_size", "vae.pretrained"],
+    "classifier": ["data.image_size", "evaluate.classifier_train_size", "evaluate.classifier_test_size",
+                   "evaluate.classifier_epochs"],
+    "evaluate": ["sample", "evaluate.images_per_prompt", "evaluate.batch_size"],
+    "promote": ["tracking"],
+}
+
+
+def _keys(entry: str) -> list[str]:
+    section, _, key = entry.partition(".")
+    if key:
+        return [entry]
+    return [f"{section}.{f.name}" for f in dataclasses.fields(getattr(Config(), section))]
+
+
+def test_every_stage_tracks_each_key_it_reads_and_the_presets_that_override_them():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    presets = yaml.safe_load(PARAMS.read_text())["presets"]
+    for name, reads in STAGE_READS.items():
+        listed = set(stages[name]["params"])
+        wanted = {k for entry in reads for k in _keys(entry)}
+        for preset, block in presets.items():  # a preset key of a section the stage reads
+            wanted |= {f"presets.{preset}.{s}.{k}" for s, keys in block.items() for k in keys
+                       if f"{s}.{k}" in wanted}
+        if name not in ("push-data", "promote"):
+            wanted.add("preset")
+        assert wanted <= listed, f"stage {name} misses params {sorted(wanted - listed)}"
+        assert all("." in p or p == "preset" for p in listed), f"stage {name}: list keys, not whole sections"
+
+
+def micro_project(root: Path, extra_stages: dict | None = None) -> Path:
+    """A copy of the pipeline in root with params.yaml set to the micro config."""
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    pipeline["stages"].update(extra_stages or {})
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    params = yaml.safe_load(PARAMS.read_text())
+    for item in MICRO:
+        _set(params, *parse_override(item))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=root, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    return root
+
+
+def repro(root: Path, *args: str) -> tuple[list[str], float, str]:
+    """Run `dvc repro`; returns the stages that ran, the seconds taken and the output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.time()
+    res = subprocess.run([DVC, "repro", *args], cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    took = time.time() - start
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage")]
+    return ran, took, res.stdout
+
+
+def set_param(root: Path, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    _set(params, key, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_path):
+    # A stand-in for the export/publish stages: it reruns only when the champion changes.
+    served = {"serve": {"cmd": "cp outputs/champion/champion.json outputs/served.json",
+                        "deps": ["outputs/champion"], "outs": [{"outputs/served.json": {"cache": False}}]}}
+    root = micro_project(tmp_path / "proj", served)
+
+    ran, _, _ = repro(root)
+    assert set(ran) == {"data", "push-data", "train-vae", "cache", "train", "classifier", "evaluate", "promote",
+                        "serve"}
+    assert (root / "dvc-storage" / "files" / "md5").is_dir()  # the data set went to the default remote
+    champion = json.loads((root / "outputs" / "served.json").read_text())
+    assert champion["version"] == "1"
+
+    ran, took, out = repro(root)
+    assert ran == [] and took < 3.0, (took, out)
+
+    # A worse model (an lr too small to learn anything) trains and is tracked, but nothing downstream moves.
+    history = [champion["val_loss"]]
+    served_bytes = (root / "outputs" / "served.json").read_bytes()
+    set_param(root, "train.lr", 1e-9)
+    ran, _, _ = repro(root)
+    assert ran == ["train", "evaluate", "promote"]
+    assert (root / "outputs" / "served.json").read_bytes() == served_bytes
+    worse = json.loads((root / "outputs" / "train" / "model" / "train.json").read_text())["val_loss"]
+    assert worse > champion["val_loss"]
+
+    # A better one (more steps at the normal lr) is promoted, and only then does `serve` rerun.
+    set_param(root, "train.lr", 1e-3)
+    set_param(root, "train.steps", 12)
+    ran, _, _ = repro(root)
+    now = json.loads((root / "outputs" / "champion" / "champion.json").read_text())
+    history.append(now["val_loss"])
+    assert ran == ["train", "evaluate", "promote", "serve"] if now["version"] == "3" else ["train", "evaluate", "promote"]
+    assert now["version"] == "3", f"12 steps should beat 4: {history}"
+    assert history == sorted(history, reverse=True)  # the champion's loss never rises
