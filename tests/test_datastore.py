@@ -90,7 +90,7 @@ def s3_server(tmp_path):
                 break
             except Exception:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"SeaweedFS did not start: {(tmp_path / 'weed.log').read_text()[-1500:]}")
+                    raise RuntimeError(f"SeaweedFS did not start: {(tmp_path / 'weed.log').read_text()[-1500:]}") from None
                 time.sleep(0.5)
         yield endpoint
     finally:
