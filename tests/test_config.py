@@ -54,3 +54,34 @@ def test_float_and_null_overrides_parse():
 def test_missing_explicit_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_password_in_the_environment_never_reaches_a_saved_config(tmp_path, monkeypatch):
+    from blossom.config import save_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.com")
+    cfg = load_config(PARAMS)
+    assert cfg.tracking.uri == "https://alice:s3cret@mlflow.example.com"  # used as given...
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cret" not in text and "https://mlflow.example.com" in text  # ...but saved without it
+
+
+def test_a_password_in_params_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="tracking.uri holds a password"):
+        load_config(PARAMS, overrides=["tracking.uri=https://bob:pw@mlflow.example.com"])
+
+
+def test_no_credentials_in_tracked_project_files():
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=PARAMS.parent, capture_output=True, text=True).stdout.split()
+    patterns = [r"AKIA[0-9A-Z]{16}", r"hf_[A-Za-z0-9]{30,}", r"://[^/\s:@{}]+:[^/\s@{}]+@",
+                r"(?i)(password|secret|token)\s*[:=]\s*['\"][^'\"]{6,}"]
+    for name in files:
+        if name.startswith("tests/") or not (PARAMS.parent / name).is_file():
+            continue
+        text = (PARAMS.parent / name).read_text(errors="ignore")
+        for pattern in patterns:
+            assert not re.search(pattern, text), f"{name} matches {pattern}"

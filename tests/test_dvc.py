@@ -73,14 +73,20 @@ def micro_project(root: Path, extra_stages: dict | None = None) -> Path:
     return root
 
 
+# Credentials a user may have in the environment; none may end up in a file or a log.
+CANARIES = {"AWS_SECRET_ACCESS_KEY": "canary-aws-secret-7f3a", "HF_TOKEN": "hf_canaryTOKEN9b2c",
+            "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-pw-41d0"}
+
+
 def repro(root: Path, *args: str) -> tuple[list[str], float, str]:
     """Run `dvc repro`; returns the stages that ran, the seconds taken and the output."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **CANARIES, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.time()
     res = subprocess.run([DVC, "repro", *args], cwd=root, capture_output=True, text=True, env=env, timeout=900)
     took = time.time() - start
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (root / "repro.log").open("a").write(res.stdout + res.stderr)
     ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage")]
     return ran, took, res.stdout
 
@@ -127,3 +133,11 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
     assert ran == ["train", "evaluate", "promote", "serve"] if now["version"] == "3" else ["train", "evaluate", "promote"]
     assert now["version"] == "3", f"12 steps should beat 4: {history}"
     assert history == sorted(history, reverse=True)  # the champion's loss never rises
+
+    # No credential from the environment in params, dvc.lock, saved configs, logs or the MLflow store.
+    scanned = [root / "params.yaml", root / "dvc.lock", root / "repro.log", root / "mlflow.db",
+               *root.glob("outputs/**/*.yaml"), *root.glob("outputs/**/*.json"), *root.glob("mlruns/**/*")]
+    for path in (p for p in scanned if p.is_file()):
+        data = path.read_bytes()
+        for secret in CANARIES.values():
+            assert secret.encode() not in data, f"{secret} leaked into {path}"

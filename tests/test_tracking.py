@@ -87,3 +87,73 @@ def test_unreachable_server_is_a_one_line_error(trained, monkeypatch):
         log_training_run(cfg, train_dir, tmp / "no-eval")
     message = str(err.value)
     assert "http://127.0.0.1:9" in message and "pw" not in message and "\n" not in message
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with proxied artifacts, in its own process group."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    cmd = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError((tmp_path / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        # End the whole group: the server's workers outlive the main PID.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_logging_and_promotion_through_a_real_mlflow_server(trained, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from blossom.config import load_config
+    from conftest import MICRO, PARAMS
+
+    _, train_dir, tmp = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    cfg = load_config(PARAMS, None, MICRO)
+    assert cfg.tracking.uri == mlflow_server  # the environment wins over params.yaml
+    with_val_loss(train_dir, 0.5)
+    first = promote(cfg, log_training_run(cfg, train_dir, tmp / "no-eval"), tmp / "champion")
+    with_val_loss(train_dir, 0.7)
+    second = promote(cfg, log_training_run(cfg, train_dir, tmp / "no-eval"), tmp / "champion")
+    assert first["promoted"] and not second["promoted"] and second["version"] == "1"
+
+    client = MlflowClient(mlflow_server)
+    versions = client.search_model_versions(f"name = '{cfg.tracking.model_name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    run = client.get_run(client.get_model_version_by_alias(cfg.tracking.model_name, "champion").run_id)
+    assert run.data.metrics["val_loss"] == 0.5 and run.data.params["train.steps"] == str(cfg.train.steps)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/unet" in artifacts and "model/train.json" in artifacts
+    assert (tmp / "champion" / "unet" / "diffusion_pytorch_model.safetensors").exists()  # downloaded via the server

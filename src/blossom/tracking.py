@@ -36,8 +36,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _client(cfg: Config):
+    import os
+
     import mlflow
     from mlflow import MlflowClient
+
+    # MLflow's own default retries a dead server for minutes; fail within seconds unless told otherwise.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     return MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
