@@ -34,16 +34,17 @@ def test_user_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
 
 def test_no_model_yet_says_how_to_make_one(capsys, tmp_path):
     code, _, err = run(["--set", f"outputs={tmp_path}", "generate", "a red flower"], capsys)
-    assert code == 2 and "run `blossom run` to make one" in err
+    assert code == 2 and "no model at" in err and "run `make run` (or `dvc repro`) to train one" in err
 
 
 def test_generate_rejects_zero_steps_from_the_command_line(capsys, tmp_path, micro_prepared):
     code, _, err = run(["--set", f"outputs={tmp_path}", "generate", "a flower", "--steps", "0"], capsys)
-    assert code == 2 and ("steps must be a positive number" in err or "not a complete blossom model" in err)
+    assert code == 2 and ("steps must be a positive number" in err or "no model at" in err)
 
 
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "blossom.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for stage in ("data", "cache", "train-vae", "train", "evaluate", "generate", "run"):
+    for stage in ("data", "caption", "push-data", "pull-data", "cache", "train-vae", "train", "classifier",
+                  "evaluate", "promote", "export", "publish", "generate", "run"):
         assert stage in out.stdout

@@ -32,6 +32,7 @@ STAGE_READS = {
                    "evaluate.classifier_epochs"],
     "evaluate": ["sample", "evaluate.images_per_prompt", "evaluate.batch_size"],
     "promote": ["tracking"],
+    "publish": ["publish"],
 }
 
 
@@ -51,7 +52,7 @@ def test_every_stage_tracks_each_key_it_reads_and_the_presets_that_override_them
         for preset, block in presets.items():  # a preset key of a section the stage reads
             wanted |= {f"presets.{preset}.{s}.{k}" for s, keys in block.items() for k in keys
                        if f"{s}.{k}" in wanted}
-        if name not in ("push-data", "promote"):
+        if name not in ("push-data", "promote", "publish"):
             wanted.add("preset")
         assert wanted <= listed, f"stage {name} misses params {sorted(wanted - listed)}"
         assert all("." in p or p == "preset" for p in listed), f"stage {name}: list keys, not whole sections"
@@ -99,38 +100,37 @@ def set_param(root: Path, key: str, value) -> None:
 
 @pytest.mark.slow
 def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_path):
-    # A stand-in for the export/publish stages: it reruns only when the champion changes.
-    served = {"serve": {"cmd": "cp outputs/champion/champion.json outputs/served.json",
-                        "deps": ["outputs/champion"], "outs": [{"outputs/served.json": {"cache": False}}]}}
-    root = micro_project(tmp_path / "proj", served)
+    root = micro_project(tmp_path / "proj")
+    published = root / "outputs" / "hub" / "blossom-flowers"
 
     ran, _, _ = repro(root)
     assert set(ran) == {"data", "push-data", "train-vae", "cache", "train", "classifier", "evaluate", "promote",
-                        "serve"}
+                        "export", "publish"}
     assert (root / "dvc-storage" / "files" / "md5").is_dir()  # the data set went to the default remote
-    champion = json.loads((root / "outputs" / "served.json").read_text())
-    assert champion["version"] == "1"
+    champion = json.loads((published / "champion.json").read_text())
+    assert champion["version"] == "1" and (published / "README.md").exists()
 
     ran, took, out = repro(root)
     assert ran == [] and took < 3.0, (took, out)
 
     # A worse model (an lr too small to learn anything) trains and is tracked, but nothing downstream moves.
     history = [champion["val_loss"]]
-    served_bytes = (root / "outputs" / "served.json").read_bytes()
+    served_bytes = (published / "champion.json").read_bytes()
     set_param(root, "train.lr", 1e-9)
     ran, _, _ = repro(root)
     assert ran == ["train", "evaluate", "promote"]
-    assert (root / "outputs" / "served.json").read_bytes() == served_bytes
+    assert (published / "champion.json").read_bytes() == served_bytes
     worse = json.loads((root / "outputs" / "train" / "model" / "train.json").read_text())["val_loss"]
     assert worse > champion["val_loss"]
 
-    # A better one (more steps at the normal lr) is promoted, and only then does `serve` rerun.
+    # A better one (more steps at the normal lr) is promoted, and only then do export and publish rerun.
     set_param(root, "train.lr", 1e-3)
     set_param(root, "train.steps", 12)
     ran, _, _ = repro(root)
     now = json.loads((root / "outputs" / "champion" / "champion.json").read_text())
     history.append(now["val_loss"])
-    assert ran == ["train", "evaluate", "promote", "serve"] if now["version"] == "3" else ["train", "evaluate", "promote"]
+    assert ran == (["train", "evaluate", "promote", "export", "publish"] if now["version"] == "3"
+                   else ["train", "evaluate", "promote"])
     assert now["version"] == "3", f"12 steps should beat 4: {history}"
     assert history == sorted(history, reverse=True)  # the champion's loss never rises
 

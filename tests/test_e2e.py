@@ -27,12 +27,16 @@ def test_run_then_generate(tmp_path):
     grid = Image.open(out / "eval" / "samples.png")
     assert grid.size == (5 * 32, 8 * 32)  # backgrounds across, petal colours down
     run = json.loads((out / "run.json").read_text())
-    assert set(run["seconds"]) == {"data", "train-vae", "cache", "train", "evaluate"}
+    assert set(run["seconds"]) == {"data", "train-vae", "cache", "train", "evaluate", "promote", "export", "publish"}
     for stage in ("data", "vae", "cache", "train", "eval"):
         assert (out / stage / "config.yaml").exists()
+    assert "promoted to champion" in res.stdout  # the first run in a fresh MLflow store
+    published = out / "hub" / "blossom-flowers"
+    assert "Validation loss" in (published / "README.md").read_text()
+    assert json.loads((published / "metrics.json").read_text()) == metrics  # the champion carries its scores
 
-    gen = blossom("--set", f"outputs={out}", "generate", "a pink flower with six thin petals at night",
-                  "--n", "3", "--steps", "5", "--seed", "1", "--out", str(tmp_path / "gen"), cwd=tmp_path)
+    gen = blossom("--set", f"outputs={out}", "generate", "a pink flower with six thin petals at night", "--backend",
+                  "onnx", "--n", "3", "--steps", "5", "--seed", "1", "--out", str(tmp_path / "gen"), cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-2000:]
     pngs = sorted((tmp_path / "gen").glob("*.png"))
     assert [p.name for p in pngs] == ["000.png", "001.png", "002.png"]
@@ -41,7 +45,8 @@ def test_run_then_generate(tmp_path):
     tracked = blossom("--set", f"outputs={out}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "promote",
                       cwd=tmp_path)
     assert tracked.returncode == 0, tracked.stderr[-2000:]
-    assert "version 1" in tracked.stdout and "promoted to champion" in tracked.stdout
+    # the same model again: a second version, not better, so the champion stays
+    assert "version 2" in tracked.stdout and "kept champion version 1" in tracked.stdout
     assert json.loads((out / "champion" / "champion.json").read_text())["version"] == "1"
 
     resumed = blossom("--set", f"outputs={out}", "--set", "train.steps=6", "train", "--resume", "latest", cwd=tmp_path)

@@ -1,13 +1,15 @@
-"""Inference backends behind one small interface (see sampling.Backend).
+"""Inference backends behind one small interface (see sampling.Backend): PyTorch and ONNX Runtime.
 
-A model folder holds what inference needs, in diffusers' sub-folder names:
-`unet/` and `vae/` (diffusers models), `scheduler/scheduler_config.json` (the training noise
-schedule) and `blossom.json` (which text encoder and token length the UNet was trained with).
+A model folder holds what inference needs, in diffusers' sub-folder names: `unet/` and `vae/`
+(diffusers models), `scheduler/scheduler_config.json` (the noise schedule) and `blossom.json`
+(text encoder and token length). An exported folder (`blossom export`) adds `text_encoder/` and
+`tokenizer/` (a diffusers pipeline folder) and `onnx/`, which the ONNX Runtime backend needs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +18,45 @@ import torch
 from blossom.config import TextConfig
 from blossom.errors import ModelError
 from blossom.images import to_uint8
-from blossom.models import load_text_encoder, load_vae
+from blossom.models import load_text_encoder, load_vae, tokenize
+
+BACKENDS = ("torch", "onnx")
 
 
-def model_files_missing(folder: Path) -> list[str]:
-    needed = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
+def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
+    needed = needed or ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
     return [n for n in needed if not (folder / n).exists()]
 
 
+def _check_folder(folder: Path, needed: list[str] | None = None) -> None:
+    if not folder.is_dir():
+        raise ModelError(f"no model at {folder}: run `make run` (or `dvc repro`) to train one, or pass --model")
+    missing = model_files_missing(folder, needed)
+    if missing:
+        raise ModelError(f"{folder} is not a complete blossom model (missing {', '.join(missing)}): "
+                         "train one with `dvc repro`, or export it again with `blossom export`")
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or len(os.sched_getaffinity(0))
+
+
 class TorchBackend:
+    name = "torch"
+
     def __init__(self, folder: str | Path):
         from diffusers import UNet2DConditionModel
 
         folder = Path(folder)
-        missing = model_files_missing(folder)
-        if missing:
-            raise ModelError(
-                f"{folder} is not a complete blossom model (missing {', '.join(missing)}): run `blossom run` to make one"
-            )
+        _check_folder(folder)
         self.info = json.loads((folder / "blossom.json").read_text())
-        self.text_encoder = load_text_encoder(TextConfig(**self.info["text"]))
+        text = TextConfig(**self.info["text"])
+        tokenizer = None
+        if (folder / text.encoder).is_dir():  # an exported folder carries its own encoder and tokenizer
+            text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
+        self.text_encoder = load_text_encoder(text, tokenizer)
         self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
         self.vae = load_vae(folder / "vae")
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -50,13 +71,83 @@ class TorchBackend:
         return self.unet_model(latents, t, encoder_hidden_states=text).sample
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch: int = 64) -> np.ndarray:
+    def decode_float(self, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
         z = latents / self.vae.config.scaling_factor
-        x = torch.cat([self.vae.decode(z[i : i + batch]).sample for i in range(0, len(z), batch)])
-        return to_uint8(x)
+        return torch.cat([self.vae.decode(z[i : i + batch]).sample for i in range(0, len(z), batch)])
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.decode_float(latents))
+
+
+def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None):
+    """An ONNX Runtime session: all graph optimisations, one intra-op thread per physical core,
+    the CUDA provider when this onnxruntime build has it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the ONNX model {path} ({first}): export it again with `blossom export`") from None
+
+
+class OnnxBackend:
+    """The exported ONNX graphs in ONNX Runtime; the optimised copies when present."""
+
+    name = "onnx"
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        from transformers import AutoTokenizer
+
+        from blossom.export import ONNX_FILES
+
+        folder = Path(folder)
+        _check_folder(folder, ["blossom.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer",
+                               *[f"onnx/{f}" for f in ONNX_FILES.values()]])
+        self.info = json.loads((folder / "blossom.json").read_text())
+        self.max_tokens = self.info["text"]["max_tokens"]
+        self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        self.sessions = {}
+        for key, name in ONNX_FILES.items():
+            optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
+            self.sessions[key] = ort_session(optimized if optimized.exists() else folder / "onnx" / name, threads=threads)
+        self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        c = json.loads((folder / "unet" / "config.json").read_text())
+        self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        batch = tokenize(self.tokenizer, prompts, self.max_tokens)
+        (states,) = self.sessions["text_encoder"].run(None, batch)
+        return torch.from_numpy(states)
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        feed = {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
+                "encoder_hidden_states": text.float().numpy()}
+        (pred,) = self.sessions["unet"].run(None, feed)
+        return torch.from_numpy(pred)
+
+    def decode_float(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        session = self.sessions["vae_decoder"]
+        parts = [session.run(None, {"latents": latents[i : i + batch].float().numpy()})[0]
+                 for i in range(0, len(latents), batch)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.decode_float(latents))
 
 
 def load_backend(name: str, folder: str | Path):
     if name == "torch":
         return TorchBackend(folder)
-    raise ModelError(f"unknown backend {name!r}: use 'torch'")
+    if name == "onnx":
+        return OnnxBackend(folder)
+    raise ModelError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")

@@ -55,6 +55,14 @@ class Paths:
     def champion(self) -> Path:
         return self.root / "champion"
 
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def served_model(self) -> Path:
+        """What generate serves by default: the exported champion, else the last trained model."""
+        return self.export if self.export.is_dir() else self.model
+
 
 def vae_dir(cfg: Config, paths: Paths) -> Path:
     return Path(cfg.vae.pretrained) if cfg.vae.pretrained else paths.vae
@@ -170,6 +178,31 @@ def cmd_promote(cfg: Config, paths: Paths, args) -> dict:
     return result
 
 
+def cmd_export(cfg: Config, paths: Paths, args) -> dict:
+    from blossom.export import export
+
+    source = Path(args.model) if args.model else paths.champion
+    diffs = export(source, paths.export)
+    print(f"export: diffusers pipeline + ONNX -> {paths.export}; ONNX vs PyTorch max abs diff: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    return diffs
+
+
+def cmd_publish(cfg: Config, paths: Paths, args) -> dict:
+    from blossom.config import hub_access
+    from blossom.fsutil import write_json
+    from blossom.publish import publish
+
+    hub = hub_access()
+    result = publish(cfg.publish, paths.export, paths.root / "hub", hub.token, hub.offline, hub.endpoint)
+    write_json(paths.root / "publish.json", result)
+    if result["target"] == "hub":
+        print(f"publish: uploaded to {result['repo_id']} ({result['url']}); local copy {result['path']}")
+    else:
+        print(f"publish: local folder {result['path']} ({result['reason']}; set publish.repo_id and HF_TOKEN for the Hub)")
+    return result
+
+
 def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     from PIL import Image
 
@@ -181,7 +214,7 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
         raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
     if args.n <= 0:
         raise BlossomError(f"--n must be at least 1, got {args.n}")
-    backend = load_backend(args.backend, args.model or paths.model)
+    backend = load_backend(args.backend, args.model or paths.served_model())
     images = sample(backend, [args.prompt] * args.n, args.sampler or cfg.sample.sampler,
                     cfg.sample.steps if args.steps is None else args.steps,
                     cfg.sample.guidance if args.guidance is None else args.guidance,
@@ -195,13 +228,14 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
 
 
 def cmd_run(cfg: Config, paths: Paths, args) -> None:
-    """The main job: data -> train-vae -> cache -> train -> evaluate, with the time of each stage."""
+    """The whole job without DVC: data -> ... -> publish, with the time of each stage."""
     from blossom.fsutil import write_json
 
     timings = {}
-    stage_args = argparse.Namespace(source=None, path=None, resume=None)
-    for name, fn in (("data", cmd_data), ("train-vae", cmd_train_vae), ("cache", cmd_cache),
-                     ("train", cmd_train), ("evaluate", cmd_evaluate)):
+    stage_args = argparse.Namespace(source=None, path=None, resume=None, model=None)
+    for name, fn in (("data", cmd_data), ("train-vae", cmd_train_vae), ("cache", cmd_cache), ("train", cmd_train),
+                     ("evaluate", cmd_evaluate), ("promote", cmd_promote), ("export", cmd_export),
+                     ("publish", cmd_publish)):
         start = time.time()
         print(f"== {name}", flush=True)
         fn(cfg, paths, stage_args)
@@ -239,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
     sub.add_parser("promote", help="log the run to MLflow; promote it to champion if its val loss is better").set_defaults(
         fn=cmd_promote)
+    s = sub.add_parser("export", help="the champion as a diffusers pipeline folder and ONNX graphs, checked")
+    s.add_argument("--model", help="model folder to export (default: outputs/champion)")
+    s.set_defaults(fn=cmd_export)
+    sub.add_parser("publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/").set_defaults(
+        fn=cmd_publish)
     s = sub.add_parser("generate", help="generate images for a prompt")
     s.add_argument("prompt")
     s.add_argument("--n", type=int, default=1, help="number of images")
@@ -246,11 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
-    s.add_argument("--backend", default="torch")
-    s.add_argument("--model", help="model folder (default: outputs/train/model)")
+    s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    s.add_argument("--model", help="model folder (default: outputs/export, else outputs/train/model)")
     s.add_argument("--out", default="outputs/generated")
     s.set_defaults(fn=cmd_generate)
-    sub.add_parser("run", help="the whole job: data, train-vae, cache, train, evaluate").set_defaults(fn=cmd_run)
+    sub.add_parser("run", help="the whole job without DVC: data to publish").set_defaults(fn=cmd_run)
     return p
 
 

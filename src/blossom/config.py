@@ -139,6 +139,14 @@ class RemoteConfig:
 
 
 @dataclass
+class PublishConfig:
+    # A Hub model repo ("you/blossom-flowers"); uploads when HF_TOKEN is set too. Unset, or with no
+    # token: the same layout goes to outputs/hub/<repo>, which generate and the app load.
+    repo_id: str | None = None
+    private: bool = False
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     outputs: str = "outputs"
@@ -153,6 +161,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     @property
     def out(self) -> Path:
@@ -301,6 +310,20 @@ def validate(cfg: Config) -> None:
     down = 2 ** (len(cfg.vae.block_out_channels) - 1)
     if cfg.data.image_size % down or cfg.vae.crop % down:
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
+
+
+@dataclass(frozen=True)
+class HubAccess:
+    """Hugging Face Hub settings from the environment; kept out of Config so they are never saved."""
+
+    token: str | None
+    offline: bool
+    endpoint: str
+
+
+def hub_access() -> HubAccess:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return HubAccess(os.environ.get("HF_TOKEN") or None, offline, os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def _from_env(key: str, value: str) -> bool:

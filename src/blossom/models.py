@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blossom.config import Config, TextConfig, VAEConfig
@@ -47,27 +48,29 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        full = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
-        too_long = sum(len(ids) > self.max_tokens for ids in full)
-        if too_long:
-            log.warning(
-                "%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
-                too_long,
-                self.max_tokens,
-            )
-        batch = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        batch = tokenize(self.tokenizer, prompts, self.max_tokens)
+        out = self.model(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
         return out.last_hidden_state.float()
 
 
-def load_text_encoder(cfg: TextConfig) -> TextEncoder:
+def tokenize(tokenizer, prompts: list[str], max_tokens: int) -> dict[str, np.ndarray]:
+    """int64 input_ids and attention_mask padded to max_tokens; longer prompts are cut, with a warning."""
+    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    too_long = sum(len(ids) > max_tokens for ids in full)
+    if too_long:
+        log.warning("%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
+                    too_long, max_tokens)
+    batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np")
+    return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+
+def load_text_encoder(cfg: TextConfig, tokenizer_path: str | Path | None = None) -> TextEncoder:
+    """tokenizer_path: where the tokenizer is when it is not beside the model (a diffusers pipeline folder)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = text_encoder_path(cfg.encoder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
         model = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None

@@ -26,6 +26,8 @@ class Backend(Protocol):
 
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
 
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor: ...
+
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
@@ -59,7 +61,6 @@ def initial_noise(shape: tuple[int, int, int], n: int, seed: int) -> torch.Tenso
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
 
 
-@torch.no_grad()
 def sample(
     backend: Backend,
     prompts: list[str],
@@ -70,6 +71,20 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """uint8 images (N, H, W, 3) for the prompts."""
+    return backend.decode(denoise(backend, prompts, sampler, steps, guidance, seed, progress))
+
+
+@torch.no_grad()
+def denoise(
+    backend: Backend,
+    prompts: list[str],
+    sampler: str = "ddim",
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The final latents for the prompts."""
     if steps <= 0:
         raise BlossomError(f"steps must be a positive number, got {steps}: try --steps 30")
     if not prompts:
@@ -92,4 +107,4 @@ def sample(
         latents = sched.step(pred, t, latents, **extra).prev_sample
         if progress:
             progress(i + 1, steps)
-    return backend.decode(latents)
+    return latents

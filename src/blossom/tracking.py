@@ -97,6 +97,9 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
                 mlflow.log_metrics({f"ceiling.{k}": v for k, v in eval_metrics["ceiling"].items()})
                 mlflow.log_artifact(str(eval_dir / "samples.png"), "images")
                 mlflow.log_artifact(str(metrics_path))
+                # The model carries its own scores, so the champion's card can show them later.
+                mlflow.log_artifact(str(eval_dir / "samples.png"), "model")
+                mlflow.log_artifact(str(metrics_path), "model")
             mlflow.log_artifact(str(train_dir / "loss_curve.png"), "images")
             mlflow.log_artifacts(str(model_dir), "model")
             run_id, artifact_uri = run.info.run_id, run.info.artifact_uri

@@ -1,0 +1,100 @@
+"""Seconds per image, PyTorch eager vs ONNX Runtime, on the same weights, side by side in one run.
+
+One image, DDIM with classifier-free guidance (the UNet sees a batch of 2 per step), plus the
+compute limit: the model's FLOPs per image (torch's FlopCounterMode, math attention so the
+attention matmuls are counted) over the machine's peak (`--peak`, GFLOP/s; 185 is fp32 sgemm on
+these 2-core Zen 4 machines).
+
+    .venv/bin/python benchmarks/inference.py [--model outputs/export] [--steps 30] [--repeats 5]
+
+Without --model and with no outputs/export, it exports a tiny-preset model with random weights
+(the speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from blossom.backends import OnnxBackend, TorchBackend, physical_cores
+from blossom.sampling import sample
+
+PROMPT = "a red flower with five round petals on green grass"
+
+
+def random_model(root: Path) -> Path:
+    """A tiny-preset model folder with random weights, exported."""
+    from blossom.config import load_config
+    from blossom.export import export
+    from blossom.models import build_unet, build_vae, load_text_encoder
+    from blossom.train.diffusion import write_model_files
+
+    cfg = load_config()
+    torch.manual_seed(0)
+    vae, encoder = build_vae(cfg.vae), load_text_encoder(cfg.text)
+    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    size = cfg.data.image_size // down
+    vae.save_pretrained(root / "vae_src")
+    model = root / "model"
+    model.mkdir()
+    build_unet(cfg, encoder.dim, (cfg.vae.latent_channels, size, size)).save_pretrained(model / "unet")
+    write_model_files(cfg, root / "vae_src", model, {"val_loss": None, "steps": 0})
+    export(model, root / "export")
+    return root / "export"
+
+
+def flops_per_image(backend: TorchBackend, steps: int) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, h, w = backend.latent_shape
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        with FlopCounterMode(display=False) as text_count:
+            states = backend.encode_text(["", PROMPT])
+        with FlopCounterMode(display=False) as unet_count:
+            backend.unet(torch.randn(2, c, h, w), torch.tensor([500, 500]), states)
+        with FlopCounterMode(display=False) as vae_count:
+            backend.decode_float(torch.randn(1, c, h, w))
+    return text_count.get_total_flops() + steps * unet_count.get_total_flops() + vae_count.get_total_flops()
+
+
+def seconds_per_image(backend, steps: int, repeats: int) -> float:
+    sample(backend, [PROMPT], "ddim", steps, 5.0, seed=0)  # warm-up
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        sample(backend, [PROMPT], "ddim", steps, 5.0, seed=r)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="an exported model folder (default: outputs/export, else a random tiny model)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peak", type=float, default=185.0, help="the machine's fp32 peak, GFLOP/s")
+    args = ap.parse_args()
+    torch.set_num_threads(physical_cores())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model) if args.model else Path("outputs/export")
+        if not folder.is_dir():
+            print("no exported model given: exporting a tiny-preset model with random weights")
+            folder = random_model(Path(tmp))
+        backends = {"pytorch eager": TorchBackend(folder), "onnx runtime": OnnxBackend(folder)}
+        limit = flops_per_image(backends["pytorch eager"], args.steps) / (args.peak * 1e9)
+        times = {name: seconds_per_image(b, args.steps, args.repeats) for name, b in backends.items()}
+    print(f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
+          f"compute limit {limit * 1e3:.0f} ms at {args.peak:.0f} GFLOP/s")
+    for name, s in times.items():
+        print(f"{name:>14}: {s * 1e3:7.1f} ms/image  ({s / limit:.1f}x the compute limit)")
+    print(f"ONNX Runtime speed-up over PyTorch eager: {times['pytorch eager'] / times['onnx runtime']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Export a trained model: a diffusers pipeline folder, and ONNX graphs checked against PyTorch.
+
+The pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`, safetensors weights) loads with `diffusers.StableDiffusionPipeline.from_pretrained`
+and no blossom code. `onnx/` beside it holds the text encoder, UNet and VAE decoder as ONNX
+graphs (dynamic batch), each also saved after ONNX Runtime's graph optimisations, so a session
+starts without redoing them. Everything is written to a temp folder and renamed at the end: a
+killed export never leaves a half folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blossom.errors import ModelError
+from blossom.fsutil import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+ONNX_FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"}
+COMPONENT_TOLERANCE = 1e-4  # max abs difference per component output
+IMAGE_TOLERANCE = 1e-3  # max abs difference of the final image in [-1, 1]
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _VAEDecoder(torch.nn.Module):
+    """Scaled latents in, images in [-1, 1] out: the scaling factor is folded into the graph."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+
+
+def write_pipeline(backend, out: Path) -> None:
+    """A diffusers StableDiffusionPipeline folder from a loaded TorchBackend."""
+    from diffusers import StableDiffusionPipeline
+
+    from blossom.sampling import make_scheduler
+
+    encoder = backend.text_encoder
+    # The UNet was trained on states computed with the padding masked; diffusers passes the mask
+    # only to encoders whose config asks for it.
+    encoder.model.config.use_attention_mask = True
+    encoder.tokenizer.model_max_length = encoder.max_tokens
+    pipe = StableDiffusionPipeline(
+        vae=backend.vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=backend.unet_model,
+        scheduler=make_scheduler("ddim", backend.scheduler_config), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                 dynamic: dict) -> None:
+    torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                      dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+
+
+def write_onnx(backend, out: Path) -> None:
+    enc, unet, vae = backend.text_encoder, backend.unet_model, backend.vae
+    ids = enc.tokenizer(["a red flower", ""], padding="max_length", max_length=enc.max_tokens, return_tensors="pt")
+    c, h, w = backend.latent_shape
+    batch = {0: "batch"}
+    with torch.no_grad():
+        _export_onnx(_TextEncoder(enc.model), (ids["input_ids"], ids["attention_mask"]), out / ONNX_FILES["text_encoder"],
+                     ["input_ids", "attention_mask"], ["last_hidden_state"],
+                     {"input_ids": batch, "attention_mask": batch, "last_hidden_state": batch})
+        states = enc(["a red flower", ""])
+        _export_onnx(_UNet(unet), (torch.randn(2, c, h, w), torch.tensor([500.0, 500.0]), states),
+                     out / ONNX_FILES["unet"], ["sample", "timestep", "encoder_hidden_states"], ["noise_pred"],
+                     {"sample": batch, "timestep": batch, "encoder_hidden_states": batch, "noise_pred": batch})
+        _export_onnx(_VAEDecoder(vae), (torch.randn(1, c, h, w),), out / ONNX_FILES["vae_decoder"], ["latents"],
+                     ["images"], {"latents": batch, "images": batch})
+    for name in ONNX_FILES.values():  # save ORT's optimised graph beside each, loaded in its place later
+        from blossom.backends import ort_session
+
+        ort_session(out / name, optimized_path=out / name.replace(".onnx", ".opt.onnx"))
+
+
+def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
+    """Max abs differences, ONNX Runtime vs PyTorch, per component and for a whole guided sample."""
+    from blossom.sampling import denoise
+
+    prompts = ["a red flower with five round petals on green grass", "a white flower at night"]
+    c, h, w = torch_backend.latent_shape
+    g = torch.Generator().manual_seed(0)
+    text_t, text_o = torch_backend.encode_text(prompts), onnx_backend.encode_text(prompts)
+    lat = torch.randn(2, c, h, w, generator=g)
+    t = torch.tensor([999.0, 250.0])
+    diffs = {
+        "text_encoder": (text_t - text_o).abs().max().item(),
+        "unet": (torch_backend.unet(lat, t, text_t) - onnx_backend.unet(lat, t, text_t)).abs().max().item(),
+        "vae_decoder": (torch_backend.decode_float(lat) - onnx_backend.decode_float(lat)).abs().max().item(),
+    }
+    images = [b.decode_float(denoise(b, prompts, "ddim", steps, 5.0, 0)) for b in (torch_backend, onnx_backend)]
+    diffs["image"] = (images[0] - images[1]).abs().max().item()
+    return diffs
+
+
+def check_parity(diffs: dict[str, float]) -> None:
+    bad = [f"{k} {v:.2e}" for k, v in diffs.items() if v >= (IMAGE_TOLERANCE if k == "image" else COMPONENT_TOLERANCE)]
+    if bad:
+        raise ModelError(f"ONNX export differs from PyTorch ({', '.join(bad)}): report this with your model config")
+
+
+def export(model_dir: Path, out_dir: Path) -> dict:
+    """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers."""
+    from blossom.backends import OnnxBackend, TorchBackend
+
+    torch_backend = TorchBackend(model_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_pipeline(torch_backend, tmp)
+        for name in ("blossom.json", "train.json", "champion.json", "metrics.json", "samples.png"):
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+        info = json.loads((tmp / "blossom.json").read_text())
+        info["text"]["encoder"] = "text_encoder"  # self-contained: the folder carries its own encoder
+        write_json(tmp / "blossom.json", info)
+        (tmp / "onnx").mkdir()
+        write_onnx(torch_backend, tmp / "onnx")
+        diffs = parity(torch_backend, OnnxBackend(tmp))
+        check_parity(diffs)
+        write_json(tmp / "onnx" / "parity.json", {k: float(np.float32(v)) for k, v in diffs.items()})
+    log.info("ONNX parity (max abs diff): %s", diffs)
+    return diffs

@@ -1,0 +1,136 @@
+"""Export: a diffusers pipeline folder that stock diffusers runs, and ONNX graphs that match PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from blossom.backends import OnnxBackend, TorchBackend, load_backend
+from blossom.errors import ModelError
+from blossom.export import COMPONENT_TOLERANCE, IMAGE_TOLERANCE, export
+from blossom.sampling import sample
+from blossom.train.diffusion import train_diffusion
+
+PROMPTS = ["a red flower with five round petals on green grass", "a white flower at night"]
+
+
+@pytest.fixture(scope="module")
+def exported(micro_prepared, tmp_path_factory):
+    cfg, paths = micro_prepared
+    root = tmp_path_factory.mktemp("export")
+    train_diffusion(cfg, paths.cache, paths.vae, root / "train")
+    diffs = export(root / "train" / "model", root / "export")
+    return root / "train" / "model", root / "export", diffs
+
+
+def test_onnx_parity_is_within_tolerance_and_recorded(exported):
+    _, out, diffs = exported
+    assert set(diffs) == {"text_encoder", "unet", "vae_decoder", "image"}
+    assert max(diffs[k] for k in ("text_encoder", "unet", "vae_decoder")) < COMPONENT_TOLERANCE
+    assert diffs["image"] < IMAGE_TOLERANCE
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (out / "onnx" / f"{name}.onnx").exists() and (out / "onnx" / f"{name}.opt.onnx").exists()
+    import onnx
+
+    assert onnx.load(str(out / "onnx" / "unet.onnx"), load_external_data=False).opset_import[0].version >= 17
+
+
+def test_pipeline_folder_runs_in_stock_diffusers_and_matches_blossom(exported):
+    from diffusers import DiffusionPipeline
+
+    _, out, _ = exported
+    assert not list(out.rglob("*.bin")) and len(list(out.rglob("*.safetensors"))) == 3  # unet, vae, text encoder
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
+    theirs = pipe(PROMPTS, num_inference_steps=5, guidance_scale=5.0, generator=generators, output_type="np").images
+    ours = sample(TorchBackend(out), PROMPTS, "ddim", 5, 5.0, seed=7)
+    diff = np.abs(np.round(theirs * 255).astype(int) - ours.astype(int))
+    assert diff.max() <= 1  # the same image, up to rounding to 8 bits
+
+
+def test_exported_folder_gives_the_trained_models_images(exported):
+    model, out, _ = exported
+    a = sample(TorchBackend(model), PROMPTS, "dpm++2m", 4, 5.0, seed=3)
+    b = sample(TorchBackend(out), PROMPTS, "dpm++2m", 4, 5.0, seed=3)
+    c = sample(OnnxBackend(out), PROMPTS, "dpm++2m", 4, 5.0, seed=3)
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() <= 1
+
+
+def test_broken_or_missing_models_are_one_line_errors(exported, tmp_path):
+    import shutil
+
+    _, out, _ = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "onnx" / "unet.opt.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ModelError, match="cannot load the ONNX model .*export it again"):
+        OnnxBackend(broken)
+    with pytest.raises(ModelError, match="missing onnx/text_encoder.onnx, onnx/unet.onnx"):
+        shutil.rmtree(broken / "onnx")
+        OnnxBackend(broken)
+    with pytest.raises(ModelError, match="no model at"):
+        load_backend("torch", tmp_path / "nothing")
+    with pytest.raises(ModelError, match="unknown backend 'tf'"):
+        load_backend("tf", out)
+
+
+def _with_scores(exported, tmp_path):
+    """The exported folder plus the eval files a champion carries (as promote downloads them)."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    _, out, _ = exported
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    scores = {k: 0.5 for k in ("petal_color", "background", "petal_count", "petal_shape")}
+    metrics = {"adherence": {"seen": {**scores, "petal_color": 0.95}, "held_out": scores, "all": scores},
+               "ceiling": {**scores, "petal_color": 1.0}, "sampler": "ddim", "steps": 30, "guidance": 5.0}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    Image.new("RGB", (8, 8)).save(folder / "samples.png")
+    return folder
+
+
+def test_publish_locally_with_a_model_card(exported, tmp_path):
+    from blossom.config import PublishConfig
+    from blossom.publish import publish
+
+    folder = _with_scores(exported, tmp_path)
+    result = publish(PublishConfig(), folder, tmp_path / "hub", token=None, offline=False)
+    local = tmp_path / "hub" / "blossom-flowers"
+    assert result == {"target": "local", "path": str(local), "reason": "publish.repo_id is not set"}
+    card = (local / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n") and "pipeline_tag: text-to-image" in card
+    assert "| petal colour | 0.95 | 0.50 | 1.00 |" in card and "![samples](samples.png)" in card
+    assert "Intended use and limitations" in card and "Training data" in card
+    val = json.loads((folder / "train.json").read_text())["val_loss"]
+    assert f"**{val:.4f}**" in card
+    # the local folder is a complete model for both backends
+    a = sample(load_backend("onnx", local), PROMPTS[:1], "ddim", 3, 5.0, 0)
+    b = sample(load_backend("torch", local), PROMPTS[:1], "ddim", 3, 5.0, 0)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_publish_to_the_hub_says_at_once_why_it_cannot(exported, tmp_path):
+    import time
+
+    from blossom.config import PublishConfig
+    from blossom.publish import PublishError, publish
+
+    folder = _with_scores(exported, tmp_path)
+    cfg = PublishConfig(repo_id="someone/flowers")
+    no_token = publish(cfg, folder, tmp_path / "hub", token=None, offline=False)
+    assert no_token["target"] == "local" and no_token["reason"] == "HF_TOKEN is not set"
+    assert (tmp_path / "hub" / "someone--flowers" / "model_index.json").exists()
+    with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set"):
+        publish(cfg, folder, tmp_path / "hub", token="hf_not_a_real_token", offline=True)
+    start = time.time()
+    with pytest.raises(PublishError, match="cannot reach http://127.0.0.1:9") as err:
+        publish(cfg, folder, tmp_path / "hub", token="hf_not_a_real_token", offline=False, endpoint="http://127.0.0.1:9")
+    assert time.time() - start < 5 and "hf_not_a_real_token" not in str(err.value)
