@@ -63,21 +63,25 @@ def flops_per_image(backend: TorchBackend, steps: int) -> float:
     return text_count.get_total_flops() + steps * unet_count.get_total_flops() + vae_count.get_total_flops()
 
 
-def seconds_per_image(backend, steps: int, repeats: int) -> float:
-    sample(backend, [PROMPT], "ddim", steps, 5.0, seed=0)  # warm-up
-    times = []
+def seconds_per_image(backends: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per image for each backend. The backends take turns, so a machine that
+    slows down or speeds up during the run affects all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for name, backend in backends.items():
+        sample(backend, [PROMPT], "ddim", steps, 5.0, seed=0)  # warm-up
     for r in range(repeats):
-        start = time.perf_counter()
-        sample(backend, [PROMPT], "ddim", steps, 5.0, seed=r)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, backend in backends.items():
+            start = time.perf_counter()
+            sample(backend, [PROMPT], "ddim", steps, 5.0, seed=r)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="an exported model folder (default: outputs/export, else a random tiny model)")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--peak", type=float, default=185.0, help="the machine's fp32 peak, GFLOP/s")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
@@ -88,7 +92,7 @@ def main() -> None:
             folder = random_model(Path(tmp))
         backends = {"pytorch eager": TorchBackend(folder), "onnx runtime": OnnxBackend(folder)}
         limit = flops_per_image(backends["pytorch eager"], args.steps) / (args.peak * 1e9)
-        times = {name: seconds_per_image(b, args.steps, args.repeats) for name, b in backends.items()}
+        times = seconds_per_image(backends, args.steps, args.repeats)
     print(f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
           f"compute limit {limit * 1e3:.0f} ms at {args.peak:.0f} GFLOP/s")
     for name, s in times.items():

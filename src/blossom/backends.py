@@ -79,9 +79,10 @@ class TorchBackend:
         return to_uint8(self.decode_float(latents))
 
 
-def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None):
+def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None, spin: bool = True):
     """An ONNX Runtime session: all graph optimisations, one intra-op thread per physical core,
-    the CUDA provider when this onnxruntime build has it."""
+    the CUDA provider when this onnxruntime build has it. `spin=False` lets idle threads sleep,
+    so a session used once per image does not compete with the UNet's spinning threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -90,6 +91,7 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
@@ -119,24 +121,38 @@ class OnnxBackend:
         self.sessions = {}
         for key, name in ONNX_FILES.items():
             optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
-            self.sessions[key] = ort_session(optimized if optimized.exists() else folder / "onnx" / name, threads=threads)
+            path = optimized if optimized.exists() else folder / "onnx" / name
+            self.sessions[key] = ort_session(path, threads=threads, spin=key == "unet")
+        self._empty_text: torch.Tensor | None = None
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         c = json.loads((folder / "unet" / "config.json").read_text())
         self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        batch = tokenize(self.tokenizer, prompts, self.max_tokens)
-        (states,) = self.sessions["text_encoder"].run(None, batch)
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        (states,) = self.sessions["text_encoder"].run(None, tokenize(self.tokenizer, prompts, self.max_tokens))
         return torch.from_numpy(states)
 
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        # The empty prompt (the unconditional half of guidance) is encoded once per process.
+        if self._empty_text is None:
+            self._empty_text = self._encode([""])
+        empty = [i for i, p in enumerate(prompts) if p == ""]
+        rest = [i for i, p in enumerate(prompts) if p != ""]
+        out = torch.empty(len(prompts), *self._empty_text.shape[1:])
+        out[empty] = self._empty_text
+        if rest:
+            out[rest] = self._encode([prompts[i] for i in rest])
+        return out
+
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        feed = {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
+        n = len(latents)
+        feed = {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(n).contiguous().numpy(),
                 "encoder_hidden_states": text.float().numpy()}
         (pred,) = self.sessions["unet"].run(None, feed)
         return torch.from_numpy(pred)
 
     def decode_float(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
-        session = self.sessions["vae_decoder"]
+        session = self.sessions["vae_decoder"]  # batches of a fixed size bound its memory
         parts = [session.run(None, {"latents": latents[i : i + batch].float().numpy()})[0]
                  for i in range(0, len(latents), batch)]
         return torch.from_numpy(np.concatenate(parts))

@@ -296,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow", "aiobotocore", "botocore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow", "aiobotocore", "botocore", "onnx_ir",
+                  "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy.startswith(("onnx", "torch")) else logging.WARNING)
     try:
         cfg = load_config(args.params, args.preset, args.set)
         from blossom.models import set_threads
