@@ -5,7 +5,7 @@ compute limit: the model's FLOPs per image (torch's FlopCounterMode, math attent
 attention matmuls are counted) over the machine's peak (`--peak`, GFLOP/s; 185 is fp32 sgemm on
 these 2-core Zen 4 machines).
 
-    .venv/bin/python benchmarks/inference.py [--model outputs/export] [--steps 30] [--repeats 5]
+    .venv/bin/python benchmarks/inference.py [--model outputs/export] [--steps 30] [--rounds 3]
 
 Without --model and with no outputs/export, it exports a tiny-preset model with random weights
 (the speed does not depend on the weights).
@@ -14,15 +14,14 @@ Without --model and with no outputs/export, it exports a tiny-preset model with 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.sampling import sample
+from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
 
@@ -63,25 +62,11 @@ def flops_per_image(backend: TorchBackend, steps: int) -> float:
     return text_count.get_total_flops() + steps * unet_count.get_total_flops() + vae_count.get_total_flops()
 
 
-def seconds_per_image(backends: dict, steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds per image for each backend. The backends take turns, so a machine that
-    slows down or speeds up during the run affects all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for name, backend in backends.items():
-        sample(backend, [PROMPT], "ddim", steps, 5.0, seed=0)  # warm-up
-    for r in range(repeats):
-        for name, backend in backends.items():
-            start = time.perf_counter()
-            sample(backend, [PROMPT], "ddim", steps, 5.0, seed=r)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="an exported model folder (default: outputs/export, else a random tiny model)")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3, help="blocks of 5 timed images per backend, taking turns")
     ap.add_argument("--peak", type=float, default=185.0, help="the machine's fp32 peak, GFLOP/s")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
@@ -92,7 +77,8 @@ def main() -> None:
             folder = random_model(Path(tmp))
         backends = {"pytorch eager": TorchBackend(folder), "onnx runtime": OnnxBackend(folder)}
         limit = flops_per_image(backends["pytorch eager"], args.steps) / (args.peak * 1e9)
-        times = seconds_per_image(backends, args.steps, args.repeats)
+        times = median_seconds({name: (lambda seed, b=b: sample(b, [PROMPT], "ddim", args.steps, 5.0, seed))
+                                for name, b in backends.items()}, rounds=args.rounds)
     print(f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
           f"compute limit {limit * 1e3:.0f} ms at {args.peak:.0f} GFLOP/s")
     for name, s in times.items():

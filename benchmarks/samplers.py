@@ -30,26 +30,32 @@ def main() -> None:
     ap.add_argument("--classifier", default="outputs/classifier")
     ap.add_argument("--backend", default="onnx")
     ap.add_argument("--per-prompt", type=int, default=3)
+    ap.add_argument("--grid", help="sampler:steps pairs, e.g. ddim:50,unipc:15 (default: the full grid)")
+    ap.add_argument("--attributes", default="petal_color,background",
+                    help="attributes averaged into the score that picks the step counts")
     args = ap.parse_args()
+    grid = [(p.split(":")[0], int(p.split(":")[1])) for p in args.grid.split(",")] if args.grid else GRID
+    keys = args.attributes.split(",")
     cfg = load_config()
     set_threads(physical_cores())
     backend = load_backend(args.backend, args.model)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for sampler, steps in GRID:
+        for sampler, steps in grid:
             cfg.sample = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
             start = time.time()
             m = evaluate(cfg, backend, Path(args.classifier), Path(tmp) / f"{sampler}-{steps}")
             a = m["adherence"]["all"]
-            rows.append((sampler, steps, a, sum(a[k] for k in HEADS) / len(HEADS), (time.time() - start) / a["n"]))
-    print(f"{'sampler':<8} {'steps':>5} " + " ".join(f"{k:>12}" for k in HEADS) + f" {'mean':>6} {'s/image':>8}")
+            rows.append((sampler, steps, a, sum(a[k] for k in keys) / len(keys), (time.time() - start) / a["n"]))
+    print(f"score: mean of {', '.join(keys)}; {rows[0][2]['n']} images per row")
+    print(f"{'sampler':<8} {'steps':>5} " + " ".join(f"{k:>12}" for k in HEADS) + f" {'score':>6} {'s/image':>8}")
     for sampler, steps, a, mean, spi in rows:
         print(f"{sampler:<8} {steps:>5} " + " ".join(f"{a[k]:>12.3f}" for k in HEADS) + f" {mean:>6.3f} {spi:>8.3f}")
     ref = next(r[3] for r in rows if r[:2] == ("ddim", 50))
     for sampler in dict.fromkeys(r[0] for r in rows):
         ok = [r[1] for r in rows if r[0] == sampler and r[3] >= ref - 0.01]
-        print(f"{sampler}: fewest steps within 1 point of DDIM-50's mean ({ref:.3f}): {min(ok) if ok else 'none'}")
+        print(f"{sampler}: fewest steps within 1 point of DDIM-50's score ({ref:.3f}): {min(ok) if ok else 'none'}")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"
-    steps: int = 30
+    sampler: str = "unipc"
+    steps: int = 15
     guidance: float = 5.0
     seed: int = 0
 

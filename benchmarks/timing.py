@@ -1,0 +1,22 @@
+"""Side-by-side timing shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def median_seconds(fns: dict[str, Callable[[int], object]], rounds: int = 3, per_round: int = 5) -> dict[str, float]:
+    """Median seconds per call of each fn(seed). The fns take turns in blocks, so a machine that
+    drifts slower or faster during the run affects all alike; each block starts with an untimed
+    call, so threads another library left spinning or caches it left cold do not count."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            fn(0)
+            for i in range(per_round):
+                start = time.perf_counter()
+                fn(1 + r * per_round + i)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
