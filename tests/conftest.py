@@ -53,3 +53,16 @@ def micro_prepared(tmp_path_factory):
     train_vae(cfg, paths.data, paths.vae)
     build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size)
     return cfg, paths
+
+
+@pytest.fixture(scope="session")
+def micro_exported(micro_prepared, tmp_path_factory):
+    """A trained micro model (4 steps) and its export: (model folder, export folder, parity numbers)."""
+    from blossom.export import export
+    from blossom.train.diffusion import train_diffusion
+
+    cfg, paths = micro_prepared
+    root = tmp_path_factory.mktemp("export")
+    train_diffusion(cfg, paths.cache, paths.vae, root / "train")
+    diffs = export(root / "train" / "model", root / "export")
+    return root / "train" / "model", root / "export", diffs

@@ -10,20 +10,15 @@ import torch
 
 from blossom.backends import OnnxBackend, TorchBackend, load_backend
 from blossom.errors import ModelError
-from blossom.export import COMPONENT_TOLERANCE, IMAGE_TOLERANCE, export
+from blossom.export import COMPONENT_TOLERANCE, IMAGE_TOLERANCE
 from blossom.sampling import sample
-from blossom.train.diffusion import train_diffusion
 
 PROMPTS = ["a red flower with five round petals on green grass", "a white flower at night"]
 
 
-@pytest.fixture(scope="module")
-def exported(micro_prepared, tmp_path_factory):
-    cfg, paths = micro_prepared
-    root = tmp_path_factory.mktemp("export")
-    train_diffusion(cfg, paths.cache, paths.vae, root / "train")
-    diffs = export(root / "train" / "model", root / "export")
-    return root / "train" / "model", root / "export", diffs
+@pytest.fixture
+def exported(micro_exported):
+    return micro_exported
 
 
 def test_onnx_parity_is_within_tolerance_and_recorded(exported):

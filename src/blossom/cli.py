@@ -203,6 +203,23 @@ def cmd_publish(cfg: Config, paths: Paths, args) -> dict:
     return result
 
 
+def cmd_app(cfg: Config, paths: Paths, args) -> None:
+    """Serve the Streamlit page on this machine (127.0.0.1) until interrupted."""
+    import os
+    import subprocess
+
+    import blossom.webapp
+
+    env = {**os.environ, "BLOSSOM_OUTPUTS": str(paths.root)}
+    if args.model:
+        env["BLOSSOM_MODEL"] = args.model
+    cmd = [sys.executable, "-m", "streamlit", "run", blossom.webapp.__file__.replace("webapp.py", "app_entry.py"),
+           "--server.address", args.address, "--server.port", str(args.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    print(f"app: http://{args.address}:{args.port}")
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
 def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     from PIL import Image
 
@@ -278,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
     sub.add_parser("publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/").set_defaults(
         fn=cmd_publish)
+    s = sub.add_parser("app", help="serve the web app (Streamlit) on http://127.0.0.1:8501")
+    s.add_argument("--port", type=int, default=8501)
+    s.add_argument("--address", default="127.0.0.1")
+    s.add_argument("--model", help="model folder to serve (default: the published one in outputs/hub)")
+    s.set_defaults(fn=cmd_app)
     s = sub.add_parser("generate", help="generate images for a prompt")
     s.add_argument("prompt")
     s.add_argument("--n", type=int, default=1, help="number of images")

@@ -326,6 +326,18 @@ def hub_access() -> HubAccess:
     return HubAccess(os.environ.get("HF_TOKEN") or None, offline, os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
+@dataclass(frozen=True)
+class AppSettings:
+    hub_repo: str | None  # HF_MODEL_REPO: serve this Hub model repo
+    model_dir: str | None  # BLOSSOM_MODEL: serve this local folder
+    outputs: str  # where to look for the published model otherwise
+
+
+def app_settings() -> AppSettings:
+    return AppSettings(os.environ.get("HF_MODEL_REPO") or None, os.environ.get("BLOSSOM_MODEL") or None,
+                       os.environ.get("BLOSSOM_OUTPUTS", "outputs"))
+
+
 def _from_env(key: str, value: str) -> bool:
     return key == "tracking.uri" and value == os.environ.get("MLFLOW_TRACKING_URI")
 

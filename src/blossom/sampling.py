@@ -13,6 +13,16 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+# Imported here, once, not inside make_scheduler: diffusers' lazy imports are not thread-safe,
+# and the web app samples for many visitors in parallel threads.
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
 from blossom.errors import BlossomError
 
 SAMPLERS = ("ddim", "dpm++2m", "unipc", "euler", "ddpm")
@@ -32,14 +42,6 @@ class Backend(Protocol):
 
 
 def make_scheduler(name: str, train_config: dict):
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
-
     base = {k: v for k, v in train_config.items() if not k.startswith("_")}
     # clip_sample would clip unit-variance latents to [-1, 1]: chance-level images.
     # "trailing" spacing starts at the last training timestep, which few-step sampling needs.

@@ -1,0 +1,198 @@
+"""The Streamlit page: a prompt in, flowers out, with either backend.
+
+Models load once per process (`st.cache_resource`); everything a generation changes (scheduler,
+random generators, latents) is created inside `sampling.sample` for that one call, so visitors
+share no mutable state. Run it with `blossom app`, or `streamlit run app/streamlit_app.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+from blossom.config import app_settings
+from blossom.errors import BlossomError
+from blossom.sampling import SAMPLERS
+
+BACKEND_LABELS = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
+EXAMPLES = [
+    "a red flower with five round petals on green grass",
+    "a white flower with eight thin petals at night",
+    "a yellow flower with three pointed petals on sand",
+    "a blue flower with six round petals under a clear sky",
+]
+MAX_IMAGES, MAX_STEPS, MAX_SEED = 8, 100, 2**31 - 1
+
+
+def find_model() -> Path | None:
+    """The model to serve: HF_MODEL_REPO from the Hub, else BLOSSOM_MODEL, else the local published folder."""
+    settings = app_settings()
+    if settings.hub_repo:
+        return Path(_download(settings.hub_repo))
+    if settings.model_dir:
+        return Path(settings.model_dir)
+    hub = Path(settings.outputs) / "hub"
+    for candidate in [hub / "blossom-flowers", *sorted(hub.glob("*")), Path(settings.outputs) / "export"]:
+        if (candidate / "model_index.json").exists():
+            return candidate
+    return None
+
+
+@st.cache_resource(show_spinner="Downloading the model…")
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id)
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def load(backend: str, folder: str):
+    from blossom.backends import load_backend
+
+    return load_backend(backend, folder)
+
+
+def model_card(folder: Path) -> dict:
+    def read(name: str) -> dict:
+        path = folder / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    return {"train": read("train.json"), "metrics": read("metrics.json"), "champion": read("champion.json")}
+
+
+def token_count(backend, prompt: str) -> int:
+    tokenizer = getattr(backend, "tokenizer", None) or backend.text_encoder.tokenizer
+    return len(tokenizer(prompt)["input_ids"])
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="png")
+    return buf.getvalue()
+
+
+def sidebar(folder: Path) -> None:
+    card = model_card(folder)
+    st.sidebar.header("Model")
+    st.sidebar.caption(str(folder))
+    champion, train, metrics = card["champion"], card["train"], card["metrics"]
+    if champion:
+        st.sidebar.write(f"MLflow version **{champion.get('version')}**, run `{str(champion.get('run_id', ''))[:12]}`")
+    if train.get("val_loss") is not None:
+        st.sidebar.metric("Validation loss", f"{train['val_loss']:.4f}")
+        st.sidebar.caption(f"{train.get('steps')} training steps, {train.get('unet_params', 0) / 1e6:.1f}M-parameter UNet")
+    if metrics:
+        seen = metrics["adherence"]["seen"]
+        st.sidebar.write("Prompt adherence (seen pairs)")
+        st.sidebar.table({"attribute": ["petal colour", "background", "petal count", "petal shape"],
+                          "accuracy": [f"{seen[k]:.2f}" for k in ("petal_color", "background", "petal_count",
+                                                                    "petal_shape")]})
+
+
+def no_model_page() -> None:
+    st.title("blossom")
+    st.info("There is no model to serve yet. Train, export and publish one with one command in the project folder:")
+    st.code("make run", language="bash")
+    st.caption("It takes about 20 minutes on a 2-core laptop. Or point the app at a model: "
+               "HF_MODEL_REPO=you/blossom-flowers (a Hub repo) or BLOSSOM_MODEL=path/to/folder.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="blossom", layout="wide")
+    try:
+        folder = find_model()
+    except Exception as e:  # a Hub download that failed: say so on the page
+        st.error(f"Could not download the model: {str(e).splitlines()[0][:200]}. Check HF_MODEL_REPO and the network.")
+        return
+    if folder is None:
+        no_model_page()
+        return
+
+    st.title("blossom")
+    st.caption("Text-to-image latent diffusion, trained on procedural flowers.")
+    state = st.session_state
+    state.setdefault("prompt", EXAMPLES[0])
+    cols = st.columns(len(EXAMPLES))
+    for col, example in zip(cols, EXAMPLES):
+        if col.button(example, key=f"example-{example}", width="stretch"):
+            state["prompt"] = example
+    prompt = st.text_area("Prompt", key="prompt", height=80)
+
+    c1, c2, c3 = st.columns(3)
+    backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
+    sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
+    steps = c2.slider("Steps", 1, MAX_STEPS, 15)
+    guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
+    n = c3.number_input("Images", 1, MAX_IMAGES, 4)
+    random_seed = c3.checkbox("Random seed")
+    seed = c3.number_input("Seed", 0, MAX_SEED, 0, disabled=random_seed)
+
+    try:
+        backend = load(backend_name, str(folder))
+        sidebar(folder)
+    except Exception as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        st.error(f"The model at {folder} cannot be loaded: {first}")
+        return
+
+    if st.button("Generate", type="primary"):
+        generate(backend, backend_name, prompt, sampler, int(steps), float(guidance), int(n),
+                 None if random_seed else int(seed))
+    show(state.get("result"))
+
+
+def generate(backend, backend_name: str, prompt: str, sampler: str, steps: int, guidance: float, n: int,
+             seed: int | None) -> None:
+    """Sample and keep the result in this visitor's session, so a later rerun still shows it."""
+    state = st.session_state
+    if not prompt.strip():
+        st.warning("Type a prompt first, e.g. “a red flower with five round petals on green grass”.")
+        return
+    limit = backend.info["text"]["max_tokens"]
+    if token_count(backend, prompt) > limit:
+        st.info(f"The prompt is longer than the model's {limit} tokens: only its beginning is used.")
+    if seed is None:
+        seed = random.randrange(MAX_SEED)
+    bar = st.progress(0.0, text="Denoising…")
+
+    def progress(i: int, total: int) -> None:
+        bar.progress(i / total, text=f"Denoising: step {i} of {total}")
+
+    from blossom.sampling import sample
+
+    start = time.perf_counter()
+    try:
+        images = sample(backend, [prompt] * n, sampler, steps, guidance, seed, progress)
+    except BlossomError as e:
+        bar.empty()
+        st.error(str(e))
+        return
+    except Exception as e:  # whatever else fails, the visitor gets a sentence, not a traceback
+        bar.empty()
+        st.error(f"Generation failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+                 "Try again; if it keeps failing, the model folder may be damaged.")
+        return
+    took = time.perf_counter() - start
+    bar.empty()
+    state["result"] = {"images": images, "seed": seed, "seconds": took,
+                       "summary": f"{len(images)} image(s) in {took:.2f} s with {BACKEND_LABELS[backend_name]} "
+                                  f"({sampler}, {steps} steps, guidance {guidance}, seed {seed})"}
+
+
+def show(result: dict | None) -> None:
+    if not result:
+        return
+    st.success(result["summary"])
+    images, seed = result["images"], result["seed"]
+    grid = st.columns(min(4, len(images)))
+    for i, image in enumerate(images):
+        with grid[i % len(grid)]:
+            st.image(image, caption=f"seed {seed + i}", width="stretch")
+            st.download_button("Download PNG", png_bytes(image), file_name=f"blossom-{seed + i}.png",
+                               mime="image/png", key=f"download-{i}", on_click="ignore")

@@ -1,0 +1,82 @@
+"""The web app's page logic with Streamlit's AppTest (no browser; see test_app_browser.py for one)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from blossom.backends import load_backend
+from blossom.sampling import sample
+
+from conftest import PARAMS
+
+APP = str(PARAMS.parent / "app" / "streamlit_app.py")
+
+
+def page(monkeypatch, **env) -> AppTest:
+    for key in ("HF_MODEL_REPO", "BLOSSOM_MODEL", "BLOSSOM_OUTPUTS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def generate(at: AppTest, prompt: str, **settings) -> AppTest:
+    at.text_area(key="prompt").set_value(prompt)
+    if "backend" in settings:
+        at.radio[0].set_value(settings["backend"])
+    if "steps" in settings:
+        at.slider[0].set_value(settings["steps"])
+    if "n" in settings:
+        at.number_input[0].set_value(settings["n"])
+    if "seed" in settings:
+        at.number_input[1].set_value(settings["seed"])
+    next(b for b in at.button if b.label == "Generate").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_no_model_yet_explains_the_one_command(monkeypatch, tmp_path):
+    at = page(monkeypatch, BLOSSOM_OUTPUTS=tmp_path)
+    assert "no model to serve yet" in at.info[0].value
+    assert at.code[0].value == "make run"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, backend):
+    _, folder, _ = micro_exported
+    at = page(monkeypatch, BLOSSOM_MODEL=folder)
+    assert at.sidebar.metric[0].label == "Validation loss"
+    prompt = "a pink flower with six thin petals at night"
+    at = generate(at, prompt, backend=backend, steps=4, n=3, seed=11)
+    result = at.session_state["result"]
+    assert result["summary"].startswith("3 image(s) in") and "seed 11" in result["summary"]
+    assert at.success[0].value == result["summary"]
+    alone = sample(load_backend(backend, folder), [prompt] * 3, "unipc", 4, 5.0, 11)
+    assert np.array_equal(np.stack(result["images"]), alone)
+    assert [b.label for b in at.get("download_button")] == ["Download PNG"] * 3
+
+
+def test_bad_input_is_a_message_on_the_page(monkeypatch, micro_exported):
+    _, folder, _ = micro_exported
+    at = generate(page(monkeypatch, BLOSSOM_MODEL=folder), "   ")
+    assert "Type a prompt first" in at.warning[0].value and "result" not in at.session_state
+    long_prompt = " ".join(["a red flower with five round petals"] * 10)
+    at = generate(at, long_prompt, steps=2, n=1)
+    assert "longer than the model's 16 tokens" in at.info[0].value
+    assert at.session_state["result"]["summary"].startswith("1 image(s)")
+
+
+def test_a_broken_model_folder_is_an_error_not_a_traceback(monkeypatch, micro_exported, tmp_path):
+    _, folder, _ = micro_exported
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "onnx" / "unet.opt.onnx").write_bytes(b"garbage")
+    at = page(monkeypatch, BLOSSOM_MODEL=broken)
+    assert "cannot be loaded" in at.error[0].value and "export it again" in at.error[0].value
