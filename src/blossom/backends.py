@@ -54,7 +54,8 @@ class TorchBackend:
         self.info = json.loads((folder / "blossom.json").read_text())
         text = TextConfig(**self.info["text"])
         tokenizer = None
-        if (folder / text.encoder).is_dir():  # an exported folder carries its own encoder and tokenizer
+        if not Path(text.encoder).is_absolute() and (folder / text.encoder).is_dir() and (folder / "tokenizer").is_dir():
+            # an exported folder carries its own encoder and tokenizer
             text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
         self.text_encoder = load_text_encoder(text, tokenizer)
         self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet").eval()

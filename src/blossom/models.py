@@ -66,16 +66,20 @@ def tokenize(tokenizer, prompts: list[str], max_tokens: int) -> dict[str, np.nda
 
 def load_text_encoder(cfg: TextConfig, tokenizer_path: str | Path | None = None) -> TextEncoder:
     """tokenizer_path: where the tokenizer is when it is not beside the model (a diffusers pipeline folder)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = text_encoder_path(cfg.encoder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
-        model = AutoModel.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type == "clip":  # a full CLIP checkpoint: load its text tower as a model of its own
+            from transformers import CLIPTextModel
+
+            model = CLIPTextModel.from_pretrained(path)
+        else:
+            model = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
-    if hasattr(model, "text_model"):  # CLIPModel: keep the text tower only
-        model = model.text_model
     model.requires_grad_(False).eval()
     return TextEncoder(tokenizer, model, cfg.max_tokens)
 

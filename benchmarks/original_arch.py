@@ -1,0 +1,88 @@
+"""Time to an image with the original system's architecture (random weights), in ONNX Runtime.
+
+UNet2DConditionModel 192/384/576, two layers per block, DownBlock2D + 2 CrossAttnDownBlock2D,
+cross-attention 768, 8 heads, 32x32x4 latents; a CLIP ViT-L/14-sized text encoder; the SD VAE
+decoder to 256 px. Compares the original's path (DDIM 30, guidance as a batch of 2) with
+blossom's faster samplers at the step counts where they held DDIM-50's adherence on blossom's
+own model (benchmarks/samplers.py). Speed does not depend on the weights.
+
+    .venv/bin/python benchmarks/original_arch.py [--rounds 1] [--torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from blossom.backends import OnnxBackend, TorchBackend, physical_cores
+from blossom.sampling import sample
+from timing import median_seconds
+
+PROMPT = "a red flower with five round petals on green grass"
+RUNS = [("ddim", 30), ("dpm++2m", 15), ("unipc", 10)]
+
+
+def build(root: Path) -> Path:
+    """A blossom model folder with the original's architecture, random weights, exported."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+
+    from blossom.export import export
+    from blossom.fsutil import write_json
+
+    torch.manual_seed(0)
+    model = root / "model"
+    UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(192, 384, 576), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    ).save_pretrained(model / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
+                  block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  ).save_pretrained(model / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False).save_pretrained(model / "scheduler")
+    # CLIP ViT-L/14's text tower: 12 layers, 768 wide, 77 tokens; a tokenizer over a tiny vocabulary
+    # stands in (tokenizing costs microseconds either way).
+    encoder = root / "clip"
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz"])}
+    import json
+
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizerFast(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(encoder)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=77)).save_pretrained(encoder)
+    write_json(model / "blossom.json", {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256",
+                                        "image_size": 256})
+    write_json(model / "train.json", {"val_loss": None, "steps": 0})
+    export(model, root / "export")
+    return root / "export"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=1, help="blocks of 3 timed images per run, taking turns")
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager on DDIM 30")
+    args = ap.parse_args()
+    torch.set_num_threads(physical_cores())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build(Path(tmp))
+        ort = OnnxBackend(folder)
+        fns = {f"onnx {s}-{n}": (lambda seed, s=s, n=n: sample(ort, [PROMPT], s, n, 5.0, seed)) for s, n in RUNS}
+        if args.torch:
+            eager = TorchBackend(folder)
+            fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)
+        times = median_seconds(fns, rounds=args.rounds, per_round=3)
+    base = times["onnx ddim-30"]
+    for name, t in times.items():
+        print(f"{name:>16}: {t:6.2f} s/image  ({base / t:.2f}x faster than ONNX DDIM-30)")
+
+
+if __name__ == "__main__":
+    main()
