@@ -208,12 +208,10 @@ def cmd_app(cfg: Config, paths: Paths, args) -> None:
     import os
     import subprocess
 
-    import blossom.webapp
-
     env = {**os.environ, "BLOSSOM_OUTPUTS": str(paths.root)}
     if args.model:
         env["BLOSSOM_MODEL"] = args.model
-    cmd = [sys.executable, "-m", "streamlit", "run", blossom.webapp.__file__.replace("webapp.py", "app_entry.py"),
+    cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("app_entry.py")),
            "--server.address", args.address, "--server.port", str(args.port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     print(f"app: http://{args.address}:{args.port}")

@@ -101,9 +101,9 @@ def write_onnx(backend, out: Path) -> None:
     _export_onnx(_UNet(unet), (torch.randn(2, c, h, w), torch.tensor([500.0, 500.0]), states), out / ONNX_FILES["unet"],
                  ["sample", "timestep", "encoder_hidden_states"], ["noise_pred"])
     _export_onnx(_VAEDecoder(vae), (torch.randn(2, c, h, w),), out / ONNX_FILES["vae_decoder"], ["latents"], ["images"])
-    for name in ONNX_FILES.values():  # save ORT's optimised graph beside each, loaded in its place later
-        from blossom.backends import ort_session
+    from blossom.backends import ort_session
 
+    for name in ONNX_FILES.values():  # save ORT's optimised graph beside each, loaded in its place later
         ort_session(out / name, optimized_path=out / name.replace(".onnx", ".opt.onnx"))
 
 
