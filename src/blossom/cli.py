@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blossom.config import Config, load_config, save_config
+from blossom.config import Config, launch_env, load_config, save_config
 from blossom.errors import BlossomError
 
 log = logging.getLogger("blossom")
@@ -104,8 +104,10 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
 def cmd_train(cfg: Config, paths: Paths, args) -> dict:
     from blossom.train.diffusion import train_diffusion
 
-    result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume)
-    print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")
+    launch = launch_env()
+    result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume, launch=launch)
+    if launch.rank == 0:
+        print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")
     return result
 
 
@@ -281,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(fn=cmd_train_vae)
     sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
     s = sub.add_parser("train", help="train the diffusion UNet on the cache")
-    s.add_argument("--resume", help="'latest' or a checkpoint folder")
+    s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
     sub.add_parser("classifier", help="train the attribute classifier that scores prompt adherence").set_defaults(
         fn=cmd_classifier)
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params, args.preset, args.set)
         from blossom.models import set_threads
 
-        set_threads(cfg.threads)
+        set_threads(cfg.threads, launch_env().local_world_size)
         args.fn(cfg, Paths(cfg.out), args)
     except BlossomError as e:
         print(f"blossom: error: {e}", file=sys.stderr)

@@ -88,6 +88,10 @@ class TrainConfig:
     val_every: int = 250
     log_every: int = 25
     seed: int = 0
+    # Under torchrun / accelerate launch: DDP by default; a DeepSpeed JSON (configs/deepspeed_zero2.json)
+    # switches to DeepSpeed ZeRO. Its batch size, clipping and precision are filled in from this section.
+    deepspeed: str | None = None
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
 
 
 @dataclass
@@ -307,9 +311,31 @@ def validate(cfg: Config) -> None:
         cfg.unet.block_out_channels
     ):
         raise ConfigError("unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level")
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
     down = 2 ** (len(cfg.vae.block_out_channels) - 1)
     if cfg.data.image_size % down or cfg.vae.crop % down:
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in a torchrun / accelerate launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    restart_count: int = 0  # torchrun --max-restarts: how many times this worker group was restarted
+
+
+def launch_env() -> LaunchEnv:
+    def num(name: str, default: int) -> int:
+        return int(os.environ.get(name) or default)
+
+    world = num("WORLD_SIZE", 1)
+    return LaunchEnv(num("RANK", 0), world, num("LOCAL_RANK", 0), num("LOCAL_WORLD_SIZE", world),
+                     num("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from blossom.errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n or len(os.sched_getaffinity(0)))
+def set_threads(n: int, processes_per_machine: int = 1) -> None:
+    # Processes launched side by side share the cores; more threads than cores thrash.
+    torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0)) // processes_per_machine))
 
 
 def text_encoder_path(name: str) -> str:

@@ -2,11 +2,13 @@
 
 A checkpoint is a folder `step-NNNNNN/`; the file `latest` names the newest complete one and is
 flipped only after that folder is in place, so a kill at any moment leaves a usable `latest`.
+Optimizer and RNG states go through `pack`: tensors to safetensors, the rest to JSON, no pickle.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -17,67 +19,105 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blossom.errors import BlossomError
-from blossom.fsutil import atomic_dir, write_json, write_text
+from blossom.fsutil import write_json, write_text
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """Split a nested state (dicts, lists, tensors, scalars) into safetensors-ready tensors and a JSON skeleton."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) for k in obj):  # optimizer states are keyed by parameter index
+            return {"__int_keys__": {str(k): pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
+        return {str(k): pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__int_keys__" in obj:
+            return {int(k): unpack(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    return obj
 
 
-def rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+def save_state(folder: Path, name: str, state: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = pack(state, tensors)
+    save_file(tensors, folder / f"{name}.safetensors")
+    write_json(folder / f"{name}.json", skeleton)
+
+
+def load_state(folder: Path, name: str) -> Any:
+    return unpack(json.loads((folder / f"{name}.json").read_text()), load_file(folder / f"{name}.safetensors"))
+
+
+def rng_state(generator: torch.Generator) -> dict:
     np_state = np.random.get_state()
-    return (
-        {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-        {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-    )
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": repr(random.getstate()),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
     import ast
 
-    torch.set_rng_state(tensors["torch"])
-    generator.set_state(tensors["generator"])
-    random.setstate(ast.literal_eval(meta["python"]))
-    kind, keys, *rest = meta["numpy"]
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    random.setstate(ast.literal_eval(state["python"]))
+    kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(
-    ckpt_dir: Path, step: int, model, ema, optimizer, lr_scheduler, generator: torch.Generator, keep: int, extra: dict
-) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, generator: torch.Generator, keep: int,
+                    extra: dict) -> Path:
+    """Every rank writes its own RNG (and, under ZeRO, optimizer) shard; rank 0 the rest, then renames.
+
+    The folder is built under a temp name that all ranks agree on and renamed whole by rank 0; only
+    then does `latest` flip. A kill at any moment leaves `latest` naming a complete checkpoint.
+    """
     name = f"step-{step:06d}"
-    with atomic_dir(ckpt_dir / name) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tmp = ckpt_dir / f".{name}.tmp"
+    if rt.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    rt.barrier()
+    save_state(tmp, f"rng-rank{rt.rank}", rng_state(generator))
+    if engine.sharded:
+        save_state(tmp, f"optimizer-rank{rt.rank}", engine.optimizer_state())
+    if rt.main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}, tmp / "model.safetensors")
         ema_state = ema.state_dict()
-        save_file({f"{i}": p.contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))}, tmp / "ema.safetensors")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_meta = rng_state(generator)
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        write_json(
-            tmp / "state.json",
-            {"step": step, "ema": ema_state, "optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(),
-             "rng": rng_meta, **extra},
-        )
-    write_text(ckpt_dir / "latest", name + "\n")
-    done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+                  tmp / "ema.safetensors")
+        if not engine.sharded:
+            save_state(tmp, "optimizer", engine.optimizer_state())
+        write_json(tmp / "state.json", {"step": step, "ema": ema_state, "lr_scheduler": lr_scheduler.state_dict(),
+                                        "world_size": rt.world, "sharded_optimizer": engine.sharded, **extra})
+    rt.barrier()
+    if rt.main:
+        final = ckpt_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text(ckpt_dir / "latest", name + "\n")
+        done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in ckpt_dir.glob(".step-*.tmp"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+    rt.barrier()
     return ckpt_dir / name
 
 
@@ -94,12 +134,18 @@ def resolve(ckpt_dir: Path, which: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model, ema, optimizer, lr_scheduler, generator: torch.Generator) -> dict:
+def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, generator: torch.Generator) -> dict:
     state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    if state.get("sharded_optimizer") != engine.sharded or (engine.sharded and state["world_size"] != rt.world):
+        how = f"DeepSpeed ZeRO over {state['world_size']} processes" if state.get("sharded_optimizer") else "without DeepSpeed"
+        raise BlossomError(f"{path} was written {how}: resume it the same way (train.deepspeed and the process count)")
+    engine.module.load_state_dict({k: v.to(rt.device) for k, v in load_file(path / "model.safetensors").items()})
     ema_tensors = load_file(path / "ema.safetensors")
-    ema.load_state_dict({**state["ema"], "shadow_params": [ema_tensors[str(i)] for i in range(len(ema_tensors))]})
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+    ema.load_state_dict({**state["ema"], "shadow_params": [ema_tensors[str(i)].to(rt.device) for i in range(len(ema_tensors))]})
+    shard = f"optimizer-rank{rt.rank}" if engine.sharded else "optimizer"
+    engine.load_optimizer_state(load_state(path, shard), state["world_size"], rt.rank)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    set_rng_state(load_file(path / "rng.safetensors"), state["rng"], generator)
+    # A DDP run resumed on another process count reads rank 0's generator: all ranks draw the same batches.
+    rng = path / f"rng-rank{rt.rank}.json"
+    set_rng_state(load_state(path, rng.stem if rng.exists() else "rng-rank0"), generator)
     return state

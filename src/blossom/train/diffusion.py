@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from blossom.config import Config, save_config
+from blossom.config import Config, LaunchEnv, save_config
 from blossom.data.cache import load_cache
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
 from blossom.models import build_unet, n_params, noise_scheduler
 from blossom.train import checkpoint as ckpt
+from blossom.train import distributed
+from blossom.train.distributed import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,25 @@ def as_epsilon(sched, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def validation_loss(unet, sched, val: dict[str, torch.Tensor], batch: int = 128) -> float:
-    """Noise-prediction MSE on the val split with fixed noise and evenly spread timesteps."""
+def validation_loss(unet, sched, val: dict[str, torch.Tensor], rt: Runtime | None = None, batch: int = 128) -> float:
+    """Noise-prediction MSE on the val split with fixed noise and evenly spread timesteps.
+
+    Under several processes each rank scores its share and the sums are all-reduced.
+    """
+    rt = rt or Runtime()
     gen = torch.Generator().manual_seed(VAL_SEED)
     n = len(val["latents"])
     noise = torch.randn(val["latents"].shape, generator=gen)
     t = torch.linspace(0, sched.config.num_train_timesteps - 1, n).round().long()
+    mine = range(n)[rt.share(n)]
     total = 0.0
-    for i in range(0, n, batch):
-        x0, eps, tt = val["latents"][i : i + batch], noise[i : i + batch], t[i : i + batch]
+    for i in range(mine.start, mine.stop, batch):
+        j = min(i + batch, mine.stop)
+        x0, eps, tt = (v[i:j].to(rt.device) for v in (val["latents"], noise, t))
         xt = sched.add_noise(x0, eps, tt)
-        pred = unet(xt, tt, encoder_hidden_states=val["text"][i : i + batch]).sample
+        pred = unet(xt, tt, encoder_hidden_states=val["text"][i:j].to(rt.device)).sample
         total += F.mse_loss(as_epsilon(sched, pred, xt, tt), eps, reduction="sum").item()
-    return total / noise.numel()
+    return rt.sum(torch.tensor([total], dtype=torch.float64)).item() / noise.numel()
 
 
 def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> None:
@@ -88,111 +96,130 @@ def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> No
     plt.close(fig)
 
 
-def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, resume: str | None = None) -> dict:
+def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, resume: str | None = None,
+                    launch: LaunchEnv = LaunchEnv()) -> dict:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     c = cfg.train
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    rt = distributed.start(launch, c)
+    ckpt_dir = out_dir / "checkpoints"
+    stats_path = out_dir / "stats.jsonl"
+    if resume == "auto" or (resume is None and launch.restart_count > 0):
+        # `auto` (and a worker group restarted by torchrun) continues a run if there is one to continue.
+        resume = "latest" if (ckpt_dir / "latest").exists() else None
+    if rt.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if not resume and (ckpt_dir / "latest").exists():
+            # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
+            log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
+            shutil.rmtree(ckpt_dir)
+    rt.barrier()
     torch.manual_seed(c.seed)
     data, val = load_cache(cache_dir, "train"), load_cache(cache_dir, "val")
     latents, text, null_text = data["latents"], data["text"], data["null_text"]
     val_data = {"latents": val["latents"], "text": val["text"]}
 
-    unet = build_unet(cfg, cross_attention_dim=text.shape[-1], latent_shape=tuple(latents.shape[1:]))
+    unet = build_unet(cfg, cross_attention_dim=text.shape[-1], latent_shape=tuple(latents.shape[1:])).to(rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
+    engine = distributed.Engine(unet, optimizer, rt, c)
     sched = noise_scheduler(cfg)
     gen = torch.Generator().manual_seed(c.seed)
 
-    ckpt_dir = out_dir / "checkpoints"
-    stats_path = out_dir / "stats.jsonl"
     start, val_history, stats = 0, [], []
-    if not resume and (ckpt_dir / "latest").exists():
-        # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
-        log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
-        shutil.rmtree(ckpt_dir)
     if resume:
         path = ckpt.resolve(ckpt_dir, resume)
-        state = ckpt.load_checkpoint(path, unet, ema, optimizer, lr_scheduler, gen)
+        state = ckpt.load_checkpoint(path, rt, engine, ema, lr_scheduler, gen)
         start, val_history = state["step"], [tuple(v) for v in state["val_history"]]
-        log.info("resumed from %s at step %d", path.name, start)
-    if stats_path.exists() and start > 0:
-        stats = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
-        stats = [s for s in stats if s["step"] <= start]  # drop what the killed run logged past its checkpoint
-    write_text(stats_path, "".join(json.dumps(s) + "\n" for s in stats))
-
-    log.info("UNet: %.2fM parameters; %d training latents %s", n_params(unet) / 1e6, len(latents), tuple(latents.shape[1:]))
-    bins_sum, bins_n = torch.zeros(N_BINS), torch.zeros(N_BINS)
-    running, t0 = [], time.time()
+        if rt.main:
+            log.info("resumed from %s at step %d", path.name, start)
+    if rt.main:
+        if stats_path.exists() and start > 0:
+            stats = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+            stats = [s for s in stats if s["step"] <= start]  # drop what the killed run logged past its checkpoint
+        write_text(stats_path, "".join(json.dumps(s) + "\n" for s in stats))
+        log.info("UNet: %.2fM parameters; %d training latents %s; %d process(es)%s", n_params(unet) / 1e6, len(latents),
+                 tuple(latents.shape[1:]), rt.world, f", DeepSpeed {c.deepspeed}" if c.deepspeed else "")
+    bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
+    t0 = time.time()
     unet.train()
-    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step")
-    stats_file = open(stats_path, "a", encoding="utf-8")
+    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step", disable=not rt.main)
+    stats_file = open(stats_path, "a", encoding="utf-8") if rt.main else None
+    mine = rt.part(c.batch_size)
     for step in bar:
+        # Every rank draws the whole global batch from the same generator and trains on its slice.
         idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
-        x0, cond = latents[idx], text[idx]
         # Per-sample caption dropout teaches the unconditional model that guidance needs.
         drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
-        cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn((c.batch_size, *latents.shape[1:]), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
+        idx, drop, noise, t = idx[mine], drop[mine], noise[mine], t[mine]
+        x0, cond = latents[idx], text[idx]
+        cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
         xt = sched.add_noise(x0, noise, t)
+        target, weights = target_for(sched, x0, noise, t), snr_weights(sched, t, c.min_snr_gamma)
+        xt, t_dev, cond, target, weights = (v.to(rt.device) for v in (xt, t, cond, target, weights))
 
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per_sample = F.mse_loss(pred, target_for(sched, x0, noise, t), reduction="none").mean(dim=(1, 2, 3))
-        loss = (snr_weights(sched, t, c.min_snr_gamma) * per_sample).mean()
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), c.grad_clip)
-        optimizer.step()
+        with distributed.autocast(rt, c):
+            pred = engine.forward(xt, t_dev, encoder_hidden_states=cond).sample
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (weights * per_sample).mean()
+        grad_norm = engine.step(loss)
         lr_scheduler.step()
         ema.step(unet.parameters())
 
         b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
-        bins_sum.index_add_(0, b, per_sample.detach())
-        bins_n.index_add_(0, b, torch.ones_like(per_sample))
-        running.append(loss.item())
+        bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
+        bins[N_BINS:2 * N_BINS].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
+        bins[-2:] += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         done = step + 1
         img_s = (done - start) * c.batch_size / (time.time() - t0)
         if done % c.log_every == 0 or done == c.steps:
+            total = rt.sum(bins)
             row = {
                 "step": done,
                 "images_seen": done * c.batch_size,
-                "loss": sum(running) / len(running),
+                "loss": (total[-2] / total[-1]).item(),
                 "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "images_per_s": round(img_s, 1),
-                "loss_by_t_bin": (bins_sum / bins_n.clamp(min=1)).round(decimals=5).tolist(),
+                "loss_by_t_bin": (total[:N_BINS] / total[N_BINS:2 * N_BINS].clamp(min=1)).float().round(decimals=5).tolist(),
             }
-            stats.append(row)
-            stats_file.write(json.dumps(row) + "\n")
-            stats_file.flush()
-            running, bins_sum, bins_n = [], torch.zeros(N_BINS), torch.zeros(N_BINS)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
+            bins.zero_()
+            if rt.main:
+                stats.append(row)
+                stats_file.write(json.dumps(row) + "\n")
+                stats_file.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
         if done % c.val_every == 0 or done == c.steps:
             with ema_weights(unet, ema):
-                val_history.append((done, validation_loss(unet, sched, val_data)))
-            log.info("step %d: val loss %.5f", done, val_history[-1][1])
+                val_history.append((done, validation_loss(unet, sched, val_data, rt)))
+            if rt.main:
+                log.info("step %d: val loss %.5f", done, val_history[-1][1])
         if done % c.checkpoint_every == 0 or done == c.steps:
-            ckpt.save_checkpoint(ckpt_dir, done, unet, ema, optimizer, lr_scheduler, gen, c.keep_checkpoints,
+            ckpt.save_checkpoint(ckpt_dir, done, rt, engine, ema, lr_scheduler, gen, c.keep_checkpoints,
                                  {"val_history": val_history, "images_seen": done * c.batch_size})
-    stats_file.close()
+    if stats_file:
+        stats_file.close()
 
-    plot_loss(stats, val_history, out_dir / "loss_curve.png")
     result = {
         "steps": c.steps,
         "images_seen": c.steps * c.batch_size,
         "val_loss": val_history[-1][1] if val_history else None,
         "val_history": val_history,
         "unet_params": n_params(unet),
+        "processes": rt.world,
         "train_seconds_this_run": round(time.time() - t0, 1),
     }
-    with ema_weights(unet, ema), atomic_dir(out_dir / "model") as tmp:
-        unet.save_pretrained(tmp / "unet")  # the EMA weights: what gets evaluated and served
-        write_model_files(cfg, vae_dir, tmp, result)
+    if rt.main:
+        plot_loss(stats, val_history, out_dir / "loss_curve.png")
+        with ema_weights(unet, ema), atomic_dir(out_dir / "model") as tmp:
+            unet.save_pretrained(tmp / "unet")  # the EMA weights: what gets evaluated and served
+            write_model_files(cfg, vae_dir, tmp, result)
+    rt.stop()
     return result
 
 

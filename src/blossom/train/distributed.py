@@ -1,0 +1,150 @@
+"""One process or many, same loop: plain PyTorch, DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO.
+
+Every rank draws the same global batch from the same generator and trains on its own slice of
+it, so N processes with a global batch B step exactly like one process with batch B (up to the
+order of floating-point sums in the gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from blossom.config import LaunchEnv, TrainConfig
+from blossom.errors import ConfigError
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of n items (n divisible by the world size)."""
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def share(self, n: int) -> slice:
+        """This rank's share of n items that need not divide evenly (validation)."""
+        bounds = [n * r // self.world for r in range(self.world + 1)]
+        return slice(bounds[self.rank], bounds[self.rank + 1])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+        return values.cpu()
+
+    def stop(self) -> None:
+        if self.world > 1:
+            # Without the barrier a rank that finishes first tears down the group under the others.
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
+    if launch.world_size == 1:
+        return Runtime(0, 1, device)
+    if c.batch_size % launch.world_size:
+        raise ConfigError(f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
+                          f"make it a multiple of {launch.world_size}")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Runtime(launch.rank, launch.world_size, device)
+
+
+def autocast(rt: Runtime, c: TrainConfig):
+    if c.mixed_precision == "no":
+        return torch.autocast(rt.device.type, enabled=False)
+    if rt.device.type != "cuda" and c.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision fp16 needs a GPU: use 'bf16' or 'no' on CPU")
+    return torch.autocast(rt.device.type, dtype=torch.bfloat16 if c.mixed_precision == "bf16" else torch.float16)
+
+
+def deepspeed_config(c: TrainConfig, world: int) -> dict:
+    """The user's DeepSpeed JSON with the keys that params.yaml owns filled in from it."""
+    path = Path(c.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed {path} not found: point it at a DeepSpeed JSON such as configs/deepspeed_zero2.json")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed {path} is not valid JSON ({e}): fix the file") from None
+    ds.update(train_batch_size=c.batch_size, train_micro_batch_size_per_gpu=c.batch_size // world,
+              gradient_accumulation_steps=1, gradient_clipping=c.grad_clip)
+    ds["bf16"] = {"enabled": c.mixed_precision == "bf16"}
+    ds["fp16"] = {"enabled": c.mixed_precision == "fp16"}
+    return ds
+
+
+class Engine:
+    """The model as the loop drives it: forward, then one optimizer step. Plain, DDP or DeepSpeed."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, c: TrainConfig):
+        self.module, self.optimizer, self.grad_clip, self.ds = module, optimizer, c.grad_clip, None
+        self.forward = module
+        if c.deepspeed:
+            try:
+                import deepspeed
+            except ImportError:
+                raise ConfigError("train.deepspeed is set but DeepSpeed is not installed: pip install 'blossom[deepspeed]'") from None
+            self.config = deepspeed_config(c, rt.world)
+            if rt.world == 1 and not dist.is_initialized():
+                dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
+            self.forward = self.ds
+        elif rt.world > 1:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds only part of the optimizer state (ZeRO), so each saves its own."""
+        return self.ds is not None
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, update; returns the global gradient norm before clipping."""
+        if self.ds is not None:
+            self.ds.backward(loss)
+            self.ds.step()
+            return float(self.ds.get_global_grad_norm() or 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return float(norm)
+
+    def optimizer_state(self) -> dict:
+        if self.ds is None:
+            return self.optimizer.state_dict()
+        # ZeRO's state: this rank's partition of the Adam moments and fp32 master weights, plus layout.
+        sd = self.optimizer.state_dict()
+        keep = ("base_optimizer_state", "single_partition_of_fp32_groups", "zero_stage", "group_paddings",
+                "param_alignment_paddings", "partition_count", "ds_version", "clip_grad", "overflow",
+                "dynamic_loss_scale")
+        return {k: (int(v) if k == "zero_stage" else v) for k, v in sd.items() if k in keep}
+
+    def load_optimizer_state(self, state: dict, world: int, rank: int) -> None:
+        if self.ds is None:
+            self.optimizer.load_state_dict(state)
+            return
+        # DeepSpeed reads only this rank's entry of the list for a checkpoint of the same layout.
+        self.optimizer.load_state_dict([state if r == rank else None for r in range(world)],
+                                       load_optimizer_states=True, load_from_fp32_weights=True)

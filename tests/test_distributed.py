@@ -1,0 +1,213 @@
+"""Many processes train like one, and a killed run resumes to the same weights.
+
+Real processes throughout: torchrun with two CPU workers over gloo (DDP and DeepSpeed ZeRO-2),
+and `kill -9` on a training subprocess, also in the middle of a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MICRO, PARAMS
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO2 = ROOT / "configs" / "deepspeed_zero2.json"
+STEPS = 6
+
+
+def run_root(paths, root: Path) -> Path:
+    """A fresh outputs folder that shares the micro data's VAE and cache."""
+    root.mkdir(parents=True)
+    for name in ("vae", "cache"):
+        shutil.copytree(getattr(paths, name), root / name)
+    return root
+
+
+def train_cmd(root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    args = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={root}", *extra]
+    if procs == 1:
+        return [sys.executable, "-m", "blossom.cli", *args]
+    # A static rendezvous: with --standalone (c10d), workers restarted by --max-restarts dialled the
+    # dead worker's old address and failed (torch 2.13).
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *torchrun_args]
+    return [*launcher, "-m", "blossom.cli", *args]
+
+
+def train(root: Path, *extra: str, procs: int = 1, resume: str | None = None) -> subprocess.CompletedProcess:
+    cmd = train_cmd(root, *extra, procs=procs) + ["train"] + (["--resume", resume] if resume else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def weights(root: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(root / "train" / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+
+def ema_weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def relative_difference(a: dict, b: dict, skip: tuple[str, ...] = ()) -> float:
+    """Largest per-tensor ||a - b|| / ||a||."""
+    return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a if not k.endswith(skip))
+
+
+def stats_steps(root: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (root / "train" / "stats.jsonl").read_text().splitlines()]
+
+
+# The attention-pooling key bias gets no gradient by construction (softmax ignores a shift shared
+# by all keys), so its "gradient" is float round-off, which Adam scales up to full ±lr steps.
+GRADIENT_FREE = ("add_embedding.pool.k_proj.bias",)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_ddp_and_deepspeed_zero2(micro_prepared, tmp_path):
+    _, paths = micro_prepared
+    steps = f"train.steps={STEPS}"
+    single = run_root(paths, tmp_path / "single")
+    train(single, "--set", steps)
+    ddp = run_root(paths, tmp_path / "ddp")
+    train(ddp, "--set", steps, procs=2)
+    zero2 = run_root(paths, tmp_path / "zero2")
+    train(zero2, "--set", steps, "--set", f"train.deepspeed={ZERO2}", procs=2)
+
+    one = weights(single, STEPS)
+    for run in (ddp, zero2):
+        # Each rank saw half of every global batch; the all-reduced gradient differs from one
+        # process's only in the order of float sums.
+        assert relative_difference(one, weights(run, STEPS), skip=GRADIENT_FREE) < 1e-5
+        assert relative_difference(ema_weights(single), ema_weights(run), skip=GRADIENT_FREE) < 1e-5
+        assert stats_steps(run) == list(range(1, STEPS + 1))
+        val = json.loads((run / "train" / "model" / "train.json").read_text())["val_history"]
+        single_val = json.loads((single / "train" / "model" / "train.json").read_text())["val_history"]
+        assert val[-1][1] == pytest.approx(single_val[-1][1], rel=1e-5)  # all-reduced over the ranks' val shares
+    # ZeRO-2 keeps one optimizer shard per rank; DDP one whole optimizer state.
+    names = {p.name for p in (zero2 / "train" / "checkpoints" / f"step-{STEPS:06d}").iterdir()}
+    assert {"optimizer-rank0.safetensors", "optimizer-rank1.safetensors", "rng-rank1.safetensors"} <= names
+    assert not (ddp / "train" / "checkpoints" / f"step-{STEPS:06d}" / "optimizer-rank0.safetensors").exists()
+
+    # ZeRO-2 resumes from its sharded checkpoint to the uninterrupted run's weights, bit for bit.
+    cut = run_root(paths, tmp_path / "zero2-cut")
+    (cut / "train" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(zero2 / "train" / "checkpoints" / "step-000004", cut / "train" / "checkpoints" / "step-000004")
+    (cut / "train" / "checkpoints" / "latest").write_text("step-000004\n")
+    train(cut, "--set", steps, "--set", f"train.deepspeed={ZERO2}", procs=2, resume="latest")
+    a, b = weights(zero2, STEPS), weights(cut, STEPS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_STEPS = 24  # long enough that a kill lands mid-run, short enough for CI
+
+
+def start_training(root: Path, resume: str | None, procs: int = 1, torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = train_cmd(root, "--set", f"train.steps={KILL_STEPS}", procs=procs, torchrun_args=torchrun_args)
+    cmd += ["train"] + (["--resume", resume] if resume else [])
+    log = open(root / "train.log", "a")  # a file, not a pipe: nobody reads a pipe while training runs
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def log_of(root: Path) -> str:
+    return (root / "train.log").read_text()
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"training ended before the kill: {proc.args}"
+        assert time.time() < end, "timed out waiting to kill"
+        time.sleep(0.0005)
+
+
+def latest_step(root: Path) -> int:
+    pointer = root / "train" / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.exists() else 0
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def saving(root: Path) -> bool:
+    ckpts = root / "train" / "checkpoints"
+    return ckpts.exists() and any(e.name.endswith(".tmp") for e in os.scandir(ckpts))
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_and_mid_save_then_resume_equals_an_uninterrupted_run(micro_prepared, tmp_path):
+    _, paths = micro_prepared
+    straight = run_root(paths, tmp_path / "straight")
+    train(straight, "--set", f"train.steps={KILL_STEPS}")
+
+    killed = run_root(paths, tmp_path / "killed")
+    # 1: killed between checkpoints, once the first one is in place.
+    proc = start_training(killed, None)
+    wait_for(proc, lambda: latest_step(killed) >= 2)
+    kill(proc)
+    # 2: killed while a checkpoint folder is being written (it exists only under its temp name then).
+    caught_mid_save = False
+    for _ in range(5):
+        before = latest_step(killed)
+        proc = start_training(killed, "latest")
+        wait_for(proc, lambda: latest_step(killed) > before and saving(killed))
+        kill(proc)
+        caught_mid_save = saving(killed)
+        if caught_mid_save:
+            break
+    assert caught_mid_save, "no kill landed inside a checkpoint write in 5 tries"
+    ckpts = killed / "train" / "checkpoints"
+    # `latest` still names a complete checkpoint: the half-written one is only a temp folder.
+    assert (ckpts / (ckpts / "latest").read_text().strip() / "state.json").exists()
+    # 3: resumed to the end (leftover temp folders are cleaned up by the next save).
+    assert start_training(killed, "latest").wait(timeout=300) == 0, log_of(killed)[-3000:]
+    assert not saving(killed)
+
+    a, b = weights(straight, KILL_STEPS), weights(killed, KILL_STEPS)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    ea, eb = ema_weights(straight), ema_weights(killed)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # Counters survive several resumes: each step logged once, scheduler and optimizer at the last step.
+    assert stats_steps(killed) == list(range(1, KILL_STEPS + 1))
+    state = json.loads((ckpts / f"step-{KILL_STEPS:06d}" / "state.json").read_text())
+    assert state["step"] == state["lr_scheduler"]["last_epoch"] == state["ema"]["optimization_step"] == KILL_STEPS
+    opt = load_file(ckpts / f"step-{KILL_STEPS:06d}" / "optimizer.safetensors")
+    assert {float(v) for k, v in opt.items() if k.endswith(".step")} == {float(KILL_STEPS)}
+    s_straight = [json.loads(x) for x in (straight / "train" / "stats.jsonl").read_text().splitlines()]
+    s_killed = [json.loads(x) for x in (killed / "train" / "stats.jsonl").read_text().splitlines()]
+    assert [(s["images_seen"], s["loss"]) for s in s_straight] == [(s["images_seen"], s["loss"]) for s in s_killed]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_training_resumes_by_itself(micro_prepared, tmp_path):
+    import psutil
+
+    _, paths = micro_prepared
+    straight = run_root(paths, tmp_path / "straight")
+    assert start_training(straight, None, procs=2).wait(timeout=300) == 0, log_of(straight)[-3000:]
+
+    spot = run_root(paths, tmp_path / "spot")
+    proc = start_training(spot, None, procs=2, torchrun_args=("--max-restarts", "1"))
+    wait_for(proc, lambda: latest_step(spot) >= 4)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    workers[1].kill()  # the spot interruption: one worker dies, torchrun restarts the group
+    assert proc.wait(timeout=300) == 0, log_of(spot)[-3000:]
+    assert "resumed from step-" in log_of(spot)  # the restarted workers found `latest` without being told
+    a, b = weights(straight, KILL_STEPS), weights(spot, KILL_STEPS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert stats_steps(spot) == list(range(1, KILL_STEPS + 1))
