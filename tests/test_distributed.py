@@ -35,19 +35,21 @@ def run_root(paths, root: Path) -> Path:
     return root
 
 
-def train_cmd(root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+def train_cmd(root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = (),
+              accelerate: bool = False) -> list[str]:
     args = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={root}", *extra]
     if procs == 1:
         return [sys.executable, "-m", "blossom.cli", *args]
-    # A static rendezvous: with --standalone (c10d), workers restarted by --max-restarts dialled the
-    # dead worker's old address and failed (torch 2.13).
+    if accelerate:  # the shipped config, as a GPU user runs it; on this CPU machine it trains over gloo
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate_multi_gpu.yaml"),
+                "--num_processes", str(procs), "--main_process_port", str(free_port()), "-m", "blossom.cli", *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *torchrun_args]
+                "--standalone", *torchrun_args]
     return [*launcher, "-m", "blossom.cli", *args]
 
 
-def train(root: Path, *extra: str, procs: int = 1, resume: str | None = None) -> subprocess.CompletedProcess:
-    cmd = train_cmd(root, *extra, procs=procs) + ["train"] + (["--resume", resume] if resume else [])
+def train(root: Path, *extra: str, procs: int = 1, resume: str | None = None, accelerate: bool = False):
+    cmd = train_cmd(root, *extra, procs=procs, accelerate=accelerate) + ["train"] + (["--resume", resume] if resume else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -76,13 +78,13 @@ GRADIENT_FREE = ("add_embedding.pool.k_proj.bias",)
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_ddp_and_deepspeed_zero2(micro_prepared, tmp_path):
+def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_zero2_under_torchrun(micro_prepared, tmp_path):
     _, paths = micro_prepared
     steps = f"train.steps={STEPS}"
     single = run_root(paths, tmp_path / "single")
     train(single, "--set", steps)
     ddp = run_root(paths, tmp_path / "ddp")
-    train(ddp, "--set", steps, procs=2)
+    train(ddp, "--set", steps, procs=2, accelerate=True)
     zero2 = run_root(paths, tmp_path / "zero2")
     train(zero2, "--set", steps, "--set", f"train.deepspeed={ZERO2}", procs=2)
 
@@ -93,7 +95,9 @@ def test_two_processes_train_like_one_with_ddp_and_deepspeed_zero2(micro_prepare
         assert relative_difference(one, weights(run, STEPS), skip=GRADIENT_FREE) < 1e-5
         assert relative_difference(ema_weights(single), ema_weights(run), skip=GRADIENT_FREE) < 1e-5
         assert stats_steps(run) == list(range(1, STEPS + 1))
-        val = json.loads((run / "train" / "model" / "train.json").read_text())["val_history"]
+        info = json.loads((run / "train" / "model" / "train.json").read_text())
+        assert info["processes"] == 2
+        val = info["val_history"]
         single_val = json.loads((single / "train" / "model" / "train.json").read_text())["val_history"]
         assert val[-1][1] == pytest.approx(single_val[-1][1], rel=1e-5)  # all-reduced over the ranks' val shares
     # ZeRO-2 keeps one optimizer shard per rank; DDP one whole optimizer state.

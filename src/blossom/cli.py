@@ -262,6 +262,29 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total / 60:.1f} min")
 
 
+def cmd_sagemaker(cfg: Config, paths: Paths, args) -> dict:
+    import json
+    import shlex
+
+    from blossom.config import aws_credentials_present
+    from blossom.sagemaker import job_definition, missing_for_submit, submit
+
+    overrides = [shlex.quote(o) for o in args.set if not o.startswith("outputs=")]
+    job = job_definition(cfg, cfg.preset, overrides)
+    if args.dry_run:
+        print(json.dumps(job, indent=2))
+        missing = missing_for_submit(cfg)
+        if missing:
+            print(f"sagemaker: to submit, set {'; '.join(missing)}", file=sys.stderr)
+        return job
+    project = Path.cwd()
+    if not (project / "pyproject.toml").exists() or not (project / "src" / "blossom").is_dir():
+        raise BlossomError("run `blossom sagemaker` from the blossom project folder: the job ships its src/ and params")
+    name = submit(cfg, job, project, Path(args.params or "params.yaml"), aws_credentials_present())
+    print(f"sagemaker: submitted training job {name} ({cfg.sagemaker.instance_count} x {cfg.sagemaker.instance_type})")
+    return job
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blossom", description="Text-to-image latent diffusion, from data to a served model.")
     p.add_argument("--params", help="params file (default: ./params.yaml, else built-in defaults)")
@@ -295,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
     sub.add_parser("publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/").set_defaults(
         fn=cmd_publish)
+    s = sub.add_parser("sagemaker", help="submit training as a SageMaker job (spot, multi-node, resumable)")
+    s.add_argument("--dry-run", action="store_true", help="print the job definition; submit nothing")
+    s.set_defaults(fn=cmd_sagemaker)
     s = sub.add_parser("app", help="serve the web app (Streamlit) on http://127.0.0.1:8501")
     s.add_argument("--port", type=int, default=8501)
     s.add_argument("--address", default="127.0.0.1")

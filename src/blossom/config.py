@@ -151,6 +151,21 @@ class PublishConfig:
 
 
 @dataclass
+class SageMakerConfig:
+    # `blossom sagemaker`: the training job on AWS (needs AWS credentials in the environment).
+    role: str | None = None  # the IAM role ARN the job runs as
+    instance_type: str = "ml.g5.12xlarge"  # 4 A10G GPUs
+    instance_count: int = 2
+    spot: bool = True  # spot capacity; an interrupted job restarts and resumes from checkpoint_s3_uri
+    checkpoint_s3_uri: str | None = None  # s3://bucket/blossom/checkpoints: synced with /opt/ml/checkpoints
+    output_s3_uri: str | None = None  # where the model.tar.gz goes; None: the session's default bucket
+    max_run_hours: float = 24.0
+    max_wait_hours: float = 48.0  # spot: total time including waiting for capacity
+    framework_version: str = "2.5"  # the SageMaker PyTorch container
+    py_version: str = "py311"
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     outputs: str = "outputs"
@@ -166,6 +181,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
 
     @property
     def out(self) -> Path:
@@ -362,6 +378,17 @@ class AppSettings:
 def app_settings() -> AppSettings:
     return AppSettings(os.environ.get("HF_MODEL_REPO") or None, os.environ.get("BLOSSOM_MODEL") or None,
                        os.environ.get("BLOSSOM_OUTPUTS", "outputs"))
+
+
+def aws_credentials_present() -> bool:
+    """Whether boto3 could find credentials in the environment (keys, a profile, or a web identity)."""
+    return any(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))
+
+
+def sagemaker_model_dir() -> str | None:
+    """Inside a SageMaker job: the folder whose contents become model.tar.gz."""
+    return os.environ.get("SM_MODEL_DIR") or None
 
 
 def _from_env(key: str, value: str) -> bool:

@@ -82,21 +82,25 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, generator: torch.Generator, keep: int,
                     extra: dict) -> Path:
-    """Every rank writes its own RNG (and, under ZeRO, optimizer) shard; rank 0 the rest, then renames.
+    """Rank 0 writes the checkpoint (with every rank's RNG state, gathered); under ZeRO each rank adds its optimizer shard.
 
-    The folder is built under a temp name that all ranks agree on and renamed whole by rank 0; only
-    then does `latest` flip. A kill at any moment leaves `latest` naming a complete checkpoint.
+    The folder is built under a temp name and renamed whole by rank 0; only then does `latest`
+    flip. A kill at any moment leaves `latest` naming a complete checkpoint. Only ZeRO shards need
+    the checkpoint folder on storage that all machines share; DDP runs need it on rank 0's only.
     """
     name = f"step-{step:06d}"
     tmp = ckpt_dir / f".{name}.tmp"
+    rngs = rt.gather(rng_state(generator))
     if rt.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    rt.barrier()
-    save_state(tmp, f"rng-rank{rt.rank}", rng_state(generator))
     if engine.sharded:
+        rt.barrier()
         save_state(tmp, f"optimizer-rank{rt.rank}", engine.optimizer_state())
+        rt.barrier()
     if rt.main:
+        for rank, rng in enumerate(rngs):
+            save_state(tmp, f"rng-rank{rank}", rng)
         save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}, tmp / "model.safetensors")
         ema_state = ema.state_dict()
         save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
@@ -105,8 +109,6 @@ def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, ge
             save_state(tmp, "optimizer", engine.optimizer_state())
         write_json(tmp / "state.json", {"step": step, "ema": ema_state, "lr_scheduler": lr_scheduler.state_dict(),
                                         "world_size": rt.world, "sharded_optimizer": engine.sharded, **extra})
-    rt.barrier()
-    if rt.main:
         final = ckpt_dir / name
         if final.exists():
             shutil.rmtree(final)

@@ -42,6 +42,14 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             values = values.to(self.device)
@@ -66,7 +74,11 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # torchrun keeps one key-value store across --max-restarts; without a prefix per attempt, the
+        # restarted workers read the dead workers' addresses from it and fail to connect.
+        store, rank, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"blossom/attempt-{launch.restart_count}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     return Runtime(launch.rank, launch.world_size, device)
 
 
