@@ -34,7 +34,7 @@ def test_bad_rows_and_images_are_skipped_counted_and_warned_once(tmp_path, caplo
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
     assert [r.path.name for r in kept] == [f"img{i}.png" for i in range(6)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("skipped 1 row(s) without file_name/text" in w for w in warnings)
+    assert any("skipped 1 rows without file_name/text" in w for w in warnings)
     assert any("skipped 2 missing or unreadable image(s)" in w for w in warnings)
 
 

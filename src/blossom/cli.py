@@ -74,10 +74,14 @@ def cmd_data(cfg: Config, paths: Paths, args) -> None:
     if args.source:
         cfg.data.source = args.source
     if args.path:
-        cfg.data.path, cfg.data.source = args.path, "folder"
+        cfg.data.path = args.path
+        cfg.data.source = args.source or "folder"
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise BlossomError(f"data source {cfg.data.source} needs a folder: pass --path DIR or set data.path")
     counts = make_dataset(cfg.data, paths.data, cfg.caption)
     save_config(cfg, paths.data / "config.yaml")
-    print(f"data: {counts['train']} training and {counts['val']} validation images in {paths.data}")
+    extra = f" and {counts['test']} test" if counts.get("test") else ""
+    print(f"data: {counts['train']} training, {counts['val']} validation{extra} images in {paths.data}")
 
 
 def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
@@ -294,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
     s = sub.add_parser("data", help="write the data set (procedural flowers, or your image folder)")
-    s.add_argument("--source", choices=["synthetic", "folder"])
-    s.add_argument("--path", help="an image folder with metadata.jsonl (implies --source folder)")
+    s.add_argument("--source", choices=["synthetic", "folder", "oxford102"])
+    s.add_argument("--path", help="an image folder with metadata.jsonl (implies --source folder unless given), "
+                                  "or the Oxford 102 folder with --source oxford102")
     s.set_defaults(fn=cmd_data)
     s = sub.add_parser("caption", help="caption the images in a folder that have no caption (resumable)")
     s.add_argument("folder", nargs="?", help="an image folder (default: data.path); captions go to its metadata.jsonl")

@@ -23,12 +23,16 @@ from blossom.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder
-    path: str | None = None  # image folder with metadata.jsonl, when source=folder
+    source: str = "synthetic"  # synthetic | folder | oxford102
+    path: str | None = None  # image folder with metadata.jsonl (folder), or the Oxford 102 download (oxford102)
     image_size: int = 64
     train_size: int = 12000
     val_size: int = 512
     seed: int = 0
+    resize: str = "crop"  # crop (short side, centre crop) | squash (the original's) | pad
+    small_images: str = "upscale"  # images smaller than image_size: upscale | skip
+    max_pixels: int = 64_000_000  # larger images are skipped without decoding (decompression-bomb guard)
+    workers: int = 0  # image decoding processes; 0: one per core
 
 
 @dataclass
@@ -309,10 +313,14 @@ def validate(cfg: Config) -> None:
                 "caption.batch_size", "caption.max_new_tokens"):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
-    if cfg.data.source not in ("synthetic", "folder"):
-        raise ConfigError(f"data.source must be 'synthetic' or 'folder', got {cfg.data.source!r}")
-    if cfg.data.source == "folder" and not cfg.data.path:
-        raise ConfigError("data.source is 'folder' but data.path is empty: set data.path to your image folder")
+    if cfg.data.source not in ("synthetic", "folder", "oxford102"):
+        raise ConfigError(f"data.source must be 'synthetic', 'folder' or 'oxford102', got {cfg.data.source!r}")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.source is '{cfg.data.source}' but data.path is empty: set data.path to your image folder")
+    for key, value, allowed in (("data.resize", cfg.data.resize, ("crop", "squash", "pad")),
+                                ("data.small_images", cfg.data.small_images, ("upscale", "skip"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.caption.backend not in ("template", "florence2"):
         raise ConfigError(f"caption.backend must be 'template' or 'florence2', got {cfg.caption.backend!r}")
     for key, value in (("remote.url", cfg.remote.url), ("remote.endpoint", cfg.remote.endpoint),

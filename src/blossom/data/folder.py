@@ -9,15 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from blossom.config import CaptionConfig, DataConfig
 from blossom.data import synthetic
+from blossom.data.ingest import Policy, Tally, prepare, prepare_all
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir
 
@@ -50,42 +53,62 @@ def write_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def read_metadata(folder: Path) -> list[Record]:
-    """Rows with a file and a caption. Rows without text are skipped, counted and warned about once."""
+def decode_line(line: bytes, tally: Tally | None = None) -> str:
+    """A metadata line as text: UTF-8, else Windows-1252 (what non-UTF-8 captions usually are), else Latin-1."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        if tally is not None:
+            tally.rows["non-UTF-8 lines re-decoded"] += 1
+        try:
+            return line.decode("cp1252")
+        except UnicodeDecodeError:
+            return line.decode("latin-1")
+
+
+def read_metadata(folder: Path, tally: Tally | None = None) -> list[Record]:
+    """Rows with a file and a caption; rows without text, unreadable lines and repeated file names are
+    skipped and counted (into `tally` when given, else in one warning)."""
     meta = folder / "metadata.jsonl"
     if not meta.exists():
         raise DataError(f"{meta} not found: an image folder needs a metadata.jsonl with file_name and text per line")
-    records, no_text, bad_json = [], 0, 0
+    own = tally is None
+    tally = tally or Tally()
+    records, seen = [], set()
     with open(meta, "rb") as fh:
         for line in fh:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8", errors="replace"))
+                row = json.loads(decode_line(line, tally))
             except json.JSONDecodeError:
-                bad_json += 1
+                tally.rows["unreadable lines"] += 1
                 continue
-            text = row.get("text")
+            text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip() or "file_name" not in row:
-                no_text += 1
+                tally.rows["rows without file_name/text"] += 1
                 continue
+            if row["file_name"] in seen:
+                tally.rows["repeated file names (first kept)"] += 1
+                continue
+            seen.add(row["file_name"])
             records.append(Record(folder / row["file_name"], text.strip(), row))
-    if no_text or bad_json:
-        log.warning(
-            "%s: skipped %d row(s) without file_name/text and %d unreadable line(s): caption them with `blossom caption`",
-            meta,
-            no_text,
-            bad_json,
-        )
+    if own and sum(tally.rows.values()):
+        log.warning("%s: skipped %s: caption rows with `blossom caption`, fix or remove the rest", meta,
+                    ", ".join(f"{n} {k}" for k, n in tally.rows.items()))
     return records
+
+
+def policy_for(cfg: DataConfig) -> Policy:
+    return Policy(cfg.image_size, cfg.resize, cfg.small_images, cfg.max_pixels)
 
 
 def load_image(path: Path, size: int) -> Image.Image:
     """RGB, resized on the short side and centre-cropped to size x size."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        return ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
+    array, skip, _ = prepare(path, Policy(size))
+    if array is None:
+        raise OSError(f"{path}: {skip}")
+    return Image.fromarray(array)
 
 
 def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Record]]:
@@ -95,13 +118,40 @@ def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Reco
         try:
             arrays.append(np.asarray(load_image(r.path, size)))
             kept.append(r)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        except OSError:
             bad.append(r.path.name)
     if bad:
         log.warning("skipped %d missing or unreadable image(s) (first: %s): remove or replace them", len(bad), bad[0])
     if not kept:
         raise DataError("no readable images: check that the folder's images exist and that metadata.jsonl names them")
     return np.stack(arrays), kept
+
+
+def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally) -> dict[str, int]:
+    """(source image, split, metadata row) -> out_dir/<split>/NNNNNN.png + metadata.jsonl, all or nothing."""
+    splits = sorted({split for _, split, _ in items}, key=lambda s: (s not in SPLITS, SPLITS.index(s) if s in SPLITS else 0, s))
+    counts = {s: 0 for s in (*SPLITS, *splits)}
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    with atomic_dir(out_dir) as tmp:
+        files = {}
+        for s in counts:
+            (tmp / s).mkdir()
+            files[s] = open(tmp / s / "metadata.jsonl", "w", encoding="utf-8")
+        try:
+            with tqdm(total=len(items), desc="ingest", unit="img", mininterval=1) as bar:
+                for i, array, skip, fixes in prepare_all([p for p, _, _ in items], policy_for(cfg), workers, bar):
+                    src, split, row = items[i]
+                    tally.add(src.name, skip, fixes)
+                    if array is None:
+                        continue
+                    name = f"{counts[split]:06d}.png"
+                    Image.fromarray(array).save(tmp / split / name, compress_level=1)
+                    files[split].write(json.dumps({**row, "file_name": name, "source": str(row.get("source", src.name))}) + "\n")
+                    counts[split] += 1
+        finally:
+            for f in files.values():
+                f.close()
+    return counts
 
 
 def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
@@ -114,35 +164,29 @@ def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None 
         raise DataError(f"data.path {src} is not a folder: point it at an image folder with metadata.jsonl")
     if caption is not None and any(needs_caption(r) for r in scan(src)):
         caption_folder(src, caption)
-    records = read_metadata(src)
+    tally = Tally()
+    records = read_metadata(src, tally)
     if not records:
         raise DataError(f"{src}/metadata.jsonl has no captioned images: add rows with file_name and text")
-    images, records = load_images(records, cfg.image_size)
     val_share = cfg.val_size / max(1, cfg.val_size + cfg.train_size)
-    counts = {s: 0 for s in SPLITS}
-    with atomic_dir(out_dir) as tmp:
-        files = {}
-        for s in SPLITS:
-            (tmp / s).mkdir()
-            files[s] = open(tmp / s / "metadata.jsonl", "w", encoding="utf-8")
-        try:
-            for img, r in zip(images, records):
-                h = int(hashlib.sha1(str(r.meta["file_name"]).encode()).hexdigest()[:8], 16) / 2**32
-                split = "val" if h < val_share else "train"
-                name = f"{counts[split]:06d}.png"
-                Image.fromarray(img).save(tmp / split / name, compress_level=1)
-                row = {k: v for k, v in r.meta.items() if k not in ("file_name", "text")}
-                files[split].write(json.dumps({"file_name": name, "text": r.text, "source": str(r.meta["file_name"]), **row}) + "\n")
-                counts[split] += 1
-        finally:
-            for f in files.values():
-                f.close()
+    items = []
+    for r in records:
+        h = int(hashlib.sha1(str(r.meta["file_name"]).encode()).hexdigest()[:8], 16) / 2**32
+        row = {k: v for k, v in r.meta.items() if k not in ("file_name", "text")}
+        items.append((r.path, "val" if h < val_share else "train", {"text": r.text, "source": str(r.meta["file_name"]), **row}))
+    counts = write_imagefolder(items, out_dir, cfg, tally)
+    log.info("data: %s", tally.line())
     if counts["train"] == 0:
-        raise DataError("the training split is empty: add images or lower data.val_size")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise DataError(f"no usable training images in {src} ({tally.line()}): add images or lower data.val_size")
     return counts
 
 
 def make_dataset(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
     if cfg.source == "synthetic":
         return write_synthetic(cfg, out_dir)
+    if cfg.source == "oxford102":
+        from blossom.data.oxford import import_oxford102
+
+        return import_oxford102(cfg, out_dir, caption or CaptionConfig())
     return import_folder(cfg, out_dir, caption)
