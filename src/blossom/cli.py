@@ -65,7 +65,9 @@ class Paths:
 
 
 def vae_dir(cfg: Config, paths: Paths) -> Path:
-    return Path(cfg.vae.pretrained) if cfg.vae.pretrained else paths.vae
+    from blossom.models import model_path
+
+    return Path(model_path(cfg.vae.pretrained, "vae.pretrained")) if cfg.vae.pretrained else paths.vae
 
 
 def cmd_data(cfg: Config, paths: Paths, args) -> None:
@@ -98,9 +100,11 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
 
 def cmd_cache(cfg: Config, paths: Paths, args) -> None:
     from blossom.data.cache import build_cache
-    from blossom.models import load_text_encoder, load_vae
+    from blossom.models import check_cross_attention, load_text_encoder, load_vae
 
-    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), load_text_encoder(cfg.text), cfg.data.image_size)
+    encoder = load_text_encoder(cfg.text)
+    check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
+    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), encoder, cfg.data.image_size, cfg.text.encoder)
     save_config(cfg, paths.cache / "config.yaml")
     print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
 

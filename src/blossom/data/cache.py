@@ -43,8 +43,14 @@ def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256)
     return states[torch.tensor([index[c] for c in captions])]
 
 
-def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_size: int) -> dict:
-    info: dict = {"splits": {}, "max_tokens": encoder.max_tokens, "text_dim": encoder.dim}
+def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_size: int, encoder_name: str = "") -> dict:
+    from blossom.models import vae_downsampling
+
+    down = vae_downsampling(vae)
+    if image_size % down:
+        raise DataError(f"data.image_size {image_size} is not a multiple of the VAE's downsampling factor {down}: "
+                        f"set data.image_size to {max(down, image_size // down * down)}")
+    info: dict = {"splits": {}, "max_tokens": encoder.max_tokens, "text_dim": encoder.dim, "text_encoder": encoder_name}
     with atomic_dir(out_dir) as tmp:
         for split in ("train", "val"):
             records = read_metadata(data_dir / split)
@@ -66,13 +72,25 @@ def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_
     return info
 
 
-def load_cache(cache_dir: Path, split: str) -> dict[str, torch.Tensor]:
+def cache_index(cache_dir: Path) -> dict:
     import json
 
     index_path = cache_dir / "index.json"
     if not index_path.exists():
         raise DataError(f"no cache at {cache_dir}: run `blossom cache` first")
-    index = json.loads(index_path.read_text())
+    return json.loads(index_path.read_text())
+
+
+def check_cache(index: dict, text_encoder: str, max_tokens: int) -> None:
+    """A cache built with another text encoder or token length would train the UNet on the wrong states."""
+    built = (index.get("text_encoder") or text_encoder, index.get("max_tokens", max_tokens))
+    if built != (text_encoder, max_tokens):
+        raise DataError(f"the cache was built with text.encoder={built[0]} and text.max_tokens={built[1]}, but the "
+                        f"config now says {text_encoder} and {max_tokens}: rerun `blossom cache` (or restore those keys)")
+
+
+def load_cache(cache_dir: Path, split: str) -> dict[str, torch.Tensor]:
+    index = cache_index(cache_dir)
     parts = [load_file(cache_dir / name) for name in index["splits"][split]["shards"]]
     return {
         "latents": torch.cat([p["latents"] for p in parts]).float(),

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blossom.config import Config, LaunchEnv, save_config
-from blossom.data.cache import load_cache
+from blossom.data.cache import cache_index, check_cache, load_cache
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
-from blossom.models import build_unet, n_params, noise_scheduler
+from blossom.models import build_unet, check_cross_attention, n_params, noise_scheduler
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
 from blossom.train.distributed import Runtime
@@ -116,12 +116,14 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
             log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
             shutil.rmtree(ckpt_dir)
     rt.barrier()
+    check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens)
     torch.manual_seed(c.seed)
     data, val = load_cache(cache_dir, "train"), load_cache(cache_dir, "val")
     latents, text, null_text = data["latents"], data["text"], data["null_text"]
     val_data = {"latents": val["latents"], "text": val["text"]}
 
-    unet = build_unet(cfg, cross_attention_dim=text.shape[-1], latent_shape=tuple(latents.shape[1:])).to(rt.device)
+    cross_attention_dim = check_cross_attention(cfg, text.shape[-1])
+    unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=tuple(latents.shape[1:])).to(rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
