@@ -51,7 +51,8 @@ def micro_prepared(tmp_path_factory):
     paths = Paths(cfg.out)
     make_dataset(cfg.data, paths.data)
     train_vae(cfg, paths.data, paths.vae)
-    build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size)
+    build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size,
+                       flip=cfg.data.random_flip)
     return cfg, paths
 
 

@@ -31,7 +31,8 @@ def test_preset_trains_a_few_steps(preset, latent, unet_millions, tmp_path):
     paths = Paths(cfg.out)
     make_dataset(cfg.data, paths.data)
     train_vae(cfg, paths.data, paths.vae)
-    info = build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size)
+    info = build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size,
+                       flip=cfg.data.random_flip)
     assert tuple(info["latent_shape"]) == (4, latent, latent)
     result = train_diffusion(cfg, paths.cache, paths.vae, paths.train)
     assert result["steps"] == 2 and math.isfinite(result["val_loss"])

@@ -70,3 +70,30 @@ def test_a_fresh_run_does_not_keep_an_older_runs_checkpoints(micro_prepared, tmp
     # Without clearing, pruning would keep the old step-4 folder beside the new run's step 2.
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+
+def test_random_flip_trains_on_cached_mirror_latents(micro_prepared, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from blossom.images import to_tensor
+    from blossom.models import load_vae
+
+    cfg, paths = micro_prepared
+    cache = load_cache(paths.cache, "train")
+    assert cfg.data.random_flip and cache["latents_flipped"].shape == cache["latents"].shape
+    image = to_tensor(np.array(Image.open(paths.data / "train" / "000000.png"))[None])
+    vae = load_vae(paths.vae)
+    with torch.no_grad():
+        mirrored = vae.encode(image.flip(-1)).latent_dist.mode() * vae.config.scaling_factor
+    assert torch.allclose(cache["latents_flipped"][:1], mirrored, atol=1e-5)
+    assert "latents_flipped" not in load_cache(paths.cache, "val")  # validation is never flipped
+    # With flips off, the same seed trains on other inputs (and nothing else about the draws changes).
+    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, random_flip=False))
+    train_diffusion(cfg, paths.cache, paths.vae, tmp_path / "flip")
+    train_diffusion(plain, paths.cache, paths.vae, tmp_path / "plain")
+    a = load_file(tmp_path / "flip" / "checkpoints" / "step-000004" / "model.safetensors")
+    b = load_file(tmp_path / "plain" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

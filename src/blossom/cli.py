@@ -104,7 +104,8 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
 
     encoder = load_text_encoder(cfg.text)
     check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
-    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), encoder, cfg.data.image_size, cfg.text.encoder)
+    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), encoder, cfg.data.image_size, cfg.text.encoder,
+                       flip=cfg.data.random_flip)
     save_config(cfg, paths.cache / "config.yaml")
     print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
 

@@ -33,6 +33,7 @@ class DataConfig:
     small_images: str = "upscale"  # images smaller than image_size: upscale | skip
     max_pixels: int = 64_000_000  # larger images are skipped without decoding (decompression-bomb guard)
     workers: int = 0  # image decoding processes; 0: one per core
+    random_flip: bool = True  # train on mirrored images half the time (their latents are cached too)
 
 
 @dataclass

@@ -43,14 +43,17 @@ def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256)
     return states[torch.tensor([index[c] for c in captions])]
 
 
-def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_size: int, encoder_name: str = "") -> dict:
+def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_size: int, encoder_name: str = "",
+                flip: bool = False) -> dict:
+    """flip: also cache the latents of the mirrored training images, for random flips in training."""
     from blossom.models import vae_downsampling
 
     down = vae_downsampling(vae)
     if image_size % down:
         raise DataError(f"data.image_size {image_size} is not a multiple of the VAE's downsampling factor {down}: "
                         f"set data.image_size to {max(down, image_size // down * down)}")
-    info: dict = {"splits": {}, "max_tokens": encoder.max_tokens, "text_dim": encoder.dim, "text_encoder": encoder_name}
+    info: dict = {"splits": {}, "max_tokens": encoder.max_tokens, "text_dim": encoder.dim, "text_encoder": encoder_name,
+                  "flipped": flip}
     with atomic_dir(out_dir) as tmp:
         for split in ("train", "val"):
             records = read_metadata(data_dir / split)
@@ -60,10 +63,13 @@ def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_
             shards = []
             for start in tqdm(range(0, len(records), SHARD_SIZE), desc=f"cache {split}", unit="shard"):
                 part = records[start : start + SHARD_SIZE]
-                latents = encode_images(vae, to_tensor(images[start : start + SHARD_SIZE]))
-                text = encode_captions(encoder, [r.text for r in part])
+                pixels = to_tensor(images[start : start + SHARD_SIZE])
+                latents = encode_images(vae, pixels)
+                tensors = {"latents": latents.contiguous(), "text": encode_captions(encoder, [r.text for r in part]).half()}
+                if flip and split == "train":
+                    tensors["latents_flipped"] = encode_images(vae, pixels.flip(-1)).contiguous()
                 name = f"{split}-{len(shards):05d}.safetensors"
-                save_file({"latents": latents.contiguous(), "text": text.half().contiguous()}, tmp / name)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name)
                 shards.append(name)
             info["splits"][split] = {"count": len(records), "shards": shards}
             info["latent_shape"] = list(latents.shape[1:])
@@ -81,8 +87,11 @@ def cache_index(cache_dir: Path) -> dict:
     return json.loads(index_path.read_text())
 
 
-def check_cache(index: dict, text_encoder: str, max_tokens: int) -> None:
+def check_cache(index: dict, text_encoder: str, max_tokens: int, flip: bool = False) -> None:
     """A cache built with another text encoder or token length would train the UNet on the wrong states."""
+    if flip and not index.get("flipped"):
+        raise DataError("data.random_flip is on but the cache has no mirrored latents: rerun `blossom cache` "
+                        "(or set data.random_flip to false)")
     built = (index.get("text_encoder") or text_encoder, index.get("max_tokens", max_tokens))
     if built != (text_encoder, max_tokens):
         raise DataError(f"the cache was built with text.encoder={built[0]} and text.max_tokens={built[1]}, but the "
@@ -92,8 +101,11 @@ def check_cache(index: dict, text_encoder: str, max_tokens: int) -> None:
 def load_cache(cache_dir: Path, split: str) -> dict[str, torch.Tensor]:
     index = cache_index(cache_dir)
     parts = [load_file(cache_dir / name) for name in index["splits"][split]["shards"]]
-    return {
+    out = {
         "latents": torch.cat([p["latents"] for p in parts]).float(),
         "text": torch.cat([p["text"] for p in parts]).float(),
         "null_text": load_file(cache_dir / "null_text.safetensors")["text"].float(),
     }
+    if all("latents_flipped" in p for p in parts):
+        out["latents_flipped"] = torch.cat([p["latents_flipped"] for p in parts]).float()
+    return out

@@ -59,20 +59,21 @@ def load_state(folder: Path, name: str) -> Any:
     return unpack(json.loads((folder / f"{name}.json").read_text()), load_file(folder / f"{name}.safetensors"))
 
 
-def rng_state(generator: torch.Generator) -> dict:
+def rng_state(generators: tuple[torch.Generator, ...]) -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": repr(random.getstate()),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
+             "python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generators: tuple[torch.Generator, ...]) -> None:
     import ast
 
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    for g, saved in zip(generators, state["generators"], strict=True):
+        g.set_state(saved)
     random.setstate(ast.literal_eval(state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
@@ -80,8 +81,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, generator: torch.Generator, keep: int,
-                    extra: dict) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, generators: tuple[torch.Generator, ...],
+                    keep: int, extra: dict) -> Path:
     """Rank 0 writes the checkpoint (with every rank's RNG state, gathered); under ZeRO each rank adds its optimizer shard.
 
     The folder is built under a temp name and renamed whole by rank 0; only then does `latest`
@@ -90,7 +91,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, ge
     """
     name = f"step-{step:06d}"
     tmp = ckpt_dir / f".{name}.tmp"
-    rngs = rt.gather(rng_state(generator))
+    rngs = rt.gather(rng_state(generators))
     if rt.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -136,7 +137,7 @@ def resolve(ckpt_dir: Path, which: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, generator: torch.Generator) -> dict:
+def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, *generators: torch.Generator) -> dict:
     state = json.loads((path / "state.json").read_text())
     if state.get("sharded_optimizer") != engine.sharded or (engine.sharded and state["world_size"] != rt.world):
         how = f"DeepSpeed ZeRO over {state['world_size']} processes" if state.get("sharded_optimizer") else "without DeepSpeed"
@@ -149,5 +150,5 @@ def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, generator: torch.
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     # A DDP run resumed on another process count reads rank 0's generator: all ranks draw the same batches.
     rng = path / f"rng-rank{rt.rank}.json"
-    set_rng_state(load_state(path, rng.stem if rng.exists() else "rng-rank0"), generator)
+    set_rng_state(load_state(path, rng.stem if rng.exists() else "rng-rank0"), generators)
     return state

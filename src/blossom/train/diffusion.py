@@ -116,10 +116,11 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
             log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
             shutil.rmtree(ckpt_dir)
     rt.barrier()
-    check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens)
+    check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
     torch.manual_seed(c.seed)
     data, val = load_cache(cache_dir, "train"), load_cache(cache_dir, "val")
     latents, text, null_text = data["latents"], data["text"], data["null_text"]
+    flipped = data.get("latents_flipped") if cfg.data.random_flip else None
     val_data = {"latents": val["latents"], "text": val["text"]}
 
     cross_attention_dim = check_cross_attention(cfg, text.shape[-1])
@@ -130,11 +131,12 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     engine = distributed.Engine(unet, optimizer, rt, c)
     sched = noise_scheduler(cfg)
     gen = torch.Generator().manual_seed(c.seed)
+    flip_gen = torch.Generator().manual_seed(c.seed + 1)  # its own stream: flips on or off leave the other draws alone
 
     start, val_history, stats = 0, [], []
     if resume:
         path = ckpt.resolve(ckpt_dir, resume)
-        state = ckpt.load_checkpoint(path, rt, engine, ema, lr_scheduler, gen)
+        state = ckpt.load_checkpoint(path, rt, engine, ema, lr_scheduler, gen, flip_gen)
         start, val_history = state["step"], [tuple(v) for v in state["val_history"]]
         if rt.main:
             log.info("resumed from %s at step %d", path.name, start)
@@ -158,8 +160,11 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
         drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
         noise = torch.randn((c.batch_size, *latents.shape[1:]), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
-        idx, drop, noise, t = idx[mine], drop[mine], noise[mine], t[mine]
+        flip = torch.rand(c.batch_size, generator=flip_gen) < 0.5
+        idx, drop, noise, t, flip = idx[mine], drop[mine], noise[mine], t[mine], flip[mine]
         x0, cond = latents[idx], text[idx]
+        if flipped is not None:
+            x0 = torch.where(flip.view(-1, 1, 1, 1), flipped[idx], x0)
         cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
         xt = sched.add_noise(x0, noise, t)
         target, weights = target_for(sched, x0, noise, t), snr_weights(sched, t, c.min_snr_gamma)
@@ -202,7 +207,7 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
             if rt.main:
                 log.info("step %d: val loss %.5f", done, val_history[-1][1])
         if done % c.checkpoint_every == 0 or done == c.steps:
-            ckpt.save_checkpoint(ckpt_dir, done, rt, engine, ema, lr_scheduler, gen, c.keep_checkpoints,
+            ckpt.save_checkpoint(ckpt_dir, done, rt, engine, ema, lr_scheduler, (gen, flip_gen), c.keep_checkpoints,
                                  {"val_history": val_history, "images_seen": done * c.batch_size})
     if stats_file:
         stats_file.close()
