@@ -1,11 +1,11 @@
 """Ingestion throughput: a folder of Oxford-102-sized JPEGs into blossom's imagefolder.
 
 Makes N photo-like JPEGs (500x375 to 500x750, like Oxford 102's, a few per cent of them
-awkward: grayscale, CMYK, RGBA PNG, EXIF-rotated, truncated), then imports the folder at the
-tiny preset's 64 px with one decoding process and with one per core, side by side, and prints
-images/s, the ratio and the summary line.
+awkward: grayscale, CMYK, RGBA PNG, EXIF-rotated, truncated), then imports the folder at each
+size (the tiny preset's 64 px, peer256's 256 px) with one decoding process and with one per
+core, side by side, and prints images/s, the ratio and the summary line.
 
-    .venv/bin/python benchmarks/ingest.py [--n 10000] [--size 64]
+    .venv/bin/python benchmarks/ingest.py [--n 10000] [--sizes 64 256]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def make_folder(root: Path, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cores = len(os.sched_getaffinity(0))
@@ -76,17 +76,18 @@ def main() -> None:
         t = time.perf_counter()
         make_folder(src, args.n)
         print(f"made {args.n} images in {time.perf_counter() - t:.0f} s")
-        rates = {}
-        for workers in (1, cores):
-            out = Path(tmp) / f"out{workers}"
-            cfg = DataConfig(source="folder", path=str(src), image_size=args.size, workers=workers,
-                             train_size=args.n, val_size=args.n // 20)
-            t = time.perf_counter()
-            import_folder(cfg, out)
-            rates[workers] = args.n / (time.perf_counter() - t)
-            print(f"{workers} process(es): {rates[workers]:.0f} images/s")
-            shutil.rmtree(out)
-        print(f"{cores} processes vs 1: {rates[cores] / rates[1]:.2f}x")
+        for size in args.sizes:
+            rates = {}
+            for workers in (1, cores):
+                out = Path(tmp) / f"out{workers}"
+                cfg = DataConfig(source="folder", path=str(src), image_size=size, workers=workers,
+                                 train_size=args.n, val_size=args.n // 20)
+                t = time.perf_counter()
+                import_folder(cfg, out)
+                rates[workers] = args.n / (time.perf_counter() - t)
+                print(f"{size} px, {workers} process(es): {rates[workers]:.0f} images/s")
+                shutil.rmtree(out)
+            print(f"{size} px: {cores} processes vs 1: {rates[cores] / rates[1]:.2f}x")
 
 
 if __name__ == "__main__":
