@@ -6,7 +6,7 @@ decoder to 256 px. Compares the original's path (DDIM 30, guidance as a batch of
 blossom's faster samplers at the step counts where they held DDIM-50's adherence on blossom's
 own model (benchmarks/samplers.py). Speed does not depend on the weights.
 
-    .venv/bin/python benchmarks/original_arch.py [--rounds 1] [--torch]
+    .venv/bin/python benchmarks/original_arch.py [--rounds 1] [--torch] [--bf16]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1, help="blocks of 3 timed images per run, taking turns")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager on DDIM 30")
+    ap.add_argument("--bf16", action="store_true", help="also time PyTorch in bfloat16 on UniPC 10")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,6 +79,9 @@ def main() -> None:
         if args.torch:
             eager = TorchBackend(folder)
             fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)
+        if args.bf16:  # UNet and VAE decoder in bfloat16 (AVX512-BF16): the lower-precision path
+            half = TorchBackend(folder, torch.bfloat16)
+            fns["torch bf16 unipc-10"] = lambda seed: sample(half, [PROMPT], "unipc", 10, 5.0, seed)
         times = median_seconds(fns, rounds=args.rounds, per_round=3)
     base = times["onnx ddim-30"]
     for name, t in times.items():

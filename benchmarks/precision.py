@@ -1,8 +1,9 @@
-"""Int8 UNet weights in ONNX Runtime: the speed they buy and the adherence they cost, in one run.
+"""Lower precision: the speed it buys and the adherence it costs, side by side in one run.
 
-Quantizes the exported UNet with ONNX Runtime's dynamic int8 quantization (weights int8, activations
-quantized per call), then samples the same prompts and seeds with fp32 and int8 UNets and scores
-both with the attribute classifier.
+ONNX Runtime fp32 vs int8 (the exported UNet with dynamic int8 quantization: weights int8,
+activations quantized per call), and PyTorch fp32 vs bf16 (UNet and VAE decoder cast to
+bfloat16, which oneDNN runs on AVX512-BF16). The same prompts and seeds for each, scored by the
+attribute classifier.
 
     .venv/bin/python benchmarks/precision.py [--model outputs/export] [--sampler ddim] [--steps 30]
 """
@@ -15,7 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from blossom.backends import OnnxBackend, physical_cores
+import torch
+
+from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.config import load_config
 from blossom.evaluate import evaluate
 from blossom.models import set_threads
@@ -48,17 +51,19 @@ def main() -> None:
     cfg.sample = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.steps)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"fp32": OnnxBackend(args.model), "int8": OnnxBackend(int8_copy(Path(args.model), Path(tmp) / "i8"))}
+        variants = {"ort fp32": OnnxBackend(args.model), "ort int8": OnnxBackend(int8_copy(Path(args.model), Path(tmp) / "i8")),
+                    "torch fp32": TorchBackend(args.model), "torch bf16": TorchBackend(args.model, torch.bfloat16)}
         times = median_seconds({k: (lambda seed, b=b: sample(b, [PROMPT], args.sampler, args.steps, 5.0, seed))
                                 for k, b in variants.items()})
         scores = {k: evaluate(cfg, b, Path(args.classifier), Path(tmp) / f"eval-{k}")["adherence"]["all"]
                   for k, b in variants.items()}
-    print(f"{args.sampler} {args.steps} steps, guidance 5, one image; adherence over {scores['fp32']['n']} images")
+    print(f"{args.sampler} {args.steps} steps, guidance 5, one image; adherence over {scores['ort fp32']['n']} images")
     for k in variants:
         t, a = times[k], scores[k]
-        print(f"{k:>5}: {t * 1e3:6.1f} ms/image  colour {a['petal_color']:.3f}  background {a['background']:.3f}  "
+        print(f"{k:>10}: {t * 1e3:6.1f} ms/image  colour {a['petal_color']:.3f}  background {a['background']:.3f}  "
               f"count {a['petal_count']:.3f}  shape {a['petal_shape']:.3f}")
-    print(f"int8 speed-up over fp32: {times['fp32'] / times['int8']:.2f}x")
+    print(f"ORT int8 over fp32: {times['ort fp32'] / times['ort int8']:.2f}x; "
+          f"torch bf16 over fp32: {times['torch fp32'] / times['torch bf16']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -139,13 +139,13 @@ def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: D
             files[s] = open(tmp / s / "metadata.jsonl", "w", encoding="utf-8")
         try:
             with tqdm(total=len(items), desc="ingest", unit="img", mininterval=1) as bar:
-                for i, array, skip, fixes in prepare_all([p for p, _, _ in items], policy_for(cfg), workers, bar):
+                for i, png, skip, fixes in prepare_all([p for p, _, _ in items], policy_for(cfg), workers, bar):
                     src, split, row = items[i]
                     tally.add(src.name, skip, fixes)
-                    if array is None:
+                    if png is None:
                         continue
                     name = f"{counts[split]:06d}.png"
-                    Image.fromarray(array).save(tmp / split / name, compress_level=1)
+                    (tmp / split / name).write_bytes(png)
                     files[split].write(json.dumps({**row, "file_name": name, "source": str(row.get("source", src.name))}) + "\n")
                     counts[split] += 1
         finally:

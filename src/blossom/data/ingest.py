@@ -7,6 +7,7 @@ rotated, upscaled or skipped), counted, and reported in one summary line; nothin
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -95,13 +96,20 @@ def _fit(im: Image.Image, policy: Policy) -> Image.Image:
     return ImageOps.fit(im, size, Image.Resampling.BICUBIC)
 
 
-def _prepare_many(args: tuple[list[Path], Policy]) -> list[tuple[np.ndarray | None, str | None, list[str]]]:
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+
+def _prepare_many(args: tuple[list[Path], Policy]) -> list[tuple[bytes | None, str | None, list[str]]]:
     paths, policy = args
-    return [prepare(p, policy) for p in paths]
+    # PNG-encoded in the worker: encoding in the parent would make it the bottleneck at larger sizes.
+    return [(png_bytes(a) if a is not None else None, skip, fixes) for a, skip, fixes in (prepare(p, policy) for p in paths)]
 
 
 def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):
-    """Yield (index, array or None, skip reason, fixes) in order, decoding on `workers` processes."""
+    """Yield (index, PNG bytes or None, skip reason, fixes) in order, decoding on `workers` processes."""
     chunk = 64
     chunks = [(paths[i:i + chunk], policy) for i in range(0, len(paths), chunk)]
     if workers <= 1 or len(paths) < 2 * chunk:
