@@ -34,6 +34,15 @@ def blossom(root: Path, steps: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "blossom.cli", *sets, *args]
 
 
+def latest(ckpts: Path) -> int:
+    pointer = ckpts / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.exists() else 0
+
+
+def saving(ckpts: Path) -> bool:
+    return ckpts.exists() and any(e.name.endswith(".tmp") for e in os.scandir(ckpts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
@@ -50,13 +59,15 @@ def main() -> None:
         for _ in range(args.kills):
             proc = subprocess.Popen(blossom(root, args.steps, "train", "--resume", "auto"), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
-            while proc.poll() is None and not (ckpts.exists() and any(e.name.endswith(".tmp") for e in os.scandir(ckpts))):
+            before = latest(ckpts)
+            # Wait for a write after a new `latest` exists, so every run makes progress before its kill.
+            while proc.poll() is None and not (latest(ckpts) > before and saving(ckpts)):
                 time.sleep(0.0005)
             if proc.poll() is not None:
                 break  # training finished before the kill
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            mid_save += any(e.name.endswith(".tmp") for e in os.scandir(ckpts))
+            mid_save += saving(ckpts)
             pointer = ckpts / "latest"
             corrupt += not (pointer.exists() and (ckpts / pointer.read_text().strip() / "state.json").exists())
         subprocess.run(blossom(root, args.steps, "train", "--resume", "auto"), check=True, capture_output=True)
