@@ -215,3 +215,15 @@ def test_torchrun_restarts_a_killed_worker_and_training_resumes_by_itself(micro_
     a, b = weights(straight, KILL_STEPS), weights(spot, KILL_STEPS)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert stats_steps(spot) == list(range(1, KILL_STEPS + 1))
+
+
+def test_deepspeed_without_a_launcher_says_how_to_launch(micro_prepared, tmp_path):
+    import dataclasses
+
+    from blossom.errors import ConfigError
+    from blossom.train.diffusion import train_diffusion
+
+    cfg, paths = micro_prepared
+    ds = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, deepspeed=str(ZERO2)))
+    with pytest.raises(ConfigError, match="train.deepspeed needs a launcher: torchrun"):
+        train_diffusion(ds, paths.cache, paths.vae, tmp_path / "train")

@@ -60,8 +60,8 @@ class TorchBackend:
             # an exported folder carries its own encoder and tokenizer
             text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
         self.text_encoder = load_text_encoder(text, tokenizer)
-        self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet").eval().to(dtype)
-        self.vae = load_vae(folder / "vae").to(dtype)
+        self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+        self.vae = load_vae(folder / "vae", dtype)
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)

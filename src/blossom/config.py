@@ -353,6 +353,7 @@ class LaunchEnv:
     local_rank: int = 0
     local_world_size: int = 1
     restart_count: int = 0  # torchrun --max-restarts: how many times this worker group was restarted
+    launched: bool = False  # started by torchrun / accelerate launch (even as a single process)
 
 
 def launch_env() -> LaunchEnv:
@@ -361,7 +362,7 @@ def launch_env() -> LaunchEnv:
 
     world = num("WORLD_SIZE", 1)
     return LaunchEnv(num("RANK", 0), world, num("LOCAL_RANK", 0), num("LOCAL_WORLD_SIZE", world),
-                     num("TORCHELASTIC_RESTART_COUNT", 0))
+                     num("TORCHELASTIC_RESTART_COUNT", 0), "LOCAL_RANK" in os.environ)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def build_vae(cfg: VAEConfig):
     )
 
 
-def load_vae(path: str | Path):
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
     """A diffusers AutoencoderKL folder; its scaling factor comes from its own config."""
     from diffusers import AutoencoderKL
 
@@ -133,7 +133,7 @@ def load_vae(path: str | Path):
     if not (path / "config.json").exists():
         raise ModelError(f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder")
     try:
-        vae = AutoencoderKL.from_pretrained(path)
+        vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"{path} is not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]}): "
                          "point vae.pretrained at one (config.json + diffusion_pytorch_model.safetensors)") from None

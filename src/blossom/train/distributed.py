@@ -23,6 +23,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    launched: bool = False
 
     @property
     def main(self) -> bool:
@@ -67,7 +68,7 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
     if launch.world_size == 1:
-        return Runtime(0, 1, device)
+        return Runtime(0, 1, device, launch.launched)
     if c.batch_size % launch.world_size:
         raise ConfigError(f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
                           f"make it a multiple of {launch.world_size}")
@@ -79,7 +80,7 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
         store, rank, world = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"blossom/attempt-{launch.restart_count}", store)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-    return Runtime(launch.rank, launch.world_size, device)
+    return Runtime(launch.rank, launch.world_size, device, True)
 
 
 def autocast(rt: Runtime, c: TrainConfig):
@@ -117,9 +118,10 @@ class Engine:
                 import deepspeed
             except ImportError:
                 raise ConfigError("train.deepspeed is set but DeepSpeed is not installed: pip install 'blossom[deepspeed]'") from None
+            if not rt.launched:
+                raise ConfigError("train.deepspeed needs a launcher: torchrun --standalone --nproc_per_node N "
+                                  "-m blossom.cli train (or unset train.deepspeed to train in one process)")
             self.config = deepspeed_config(c, rt.world)
-            if rt.world == 1 and not dist.is_initialized():
-                dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
             self.forward = self.ds
         elif rt.world > 1:
