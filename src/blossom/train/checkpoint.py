@@ -139,8 +139,10 @@ def resolve(ckpt_dir: Path, which: str) -> Path:
 
 def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, *generators: torch.Generator) -> dict:
     state = json.loads((path / "state.json").read_text())
-    if state.get("sharded_optimizer") != engine.sharded or (engine.sharded and state["world_size"] != rt.world):
-        how = f"DeepSpeed ZeRO over {state['world_size']} processes" if state.get("sharded_optimizer") else "without DeepSpeed"
+    if "sharded_optimizer" not in state:
+        raise BlossomError(f"{path} is in an older blossom checkpoint format: start a fresh run (without --resume)")
+    if state["sharded_optimizer"] != engine.sharded or (engine.sharded and state["world_size"] != rt.world):
+        how = f"DeepSpeed ZeRO over {state['world_size']} processes" if state["sharded_optimizer"] else "without DeepSpeed"
         raise BlossomError(f"{path} was written {how}: resume it the same way (train.deepspeed and the process count)")
     engine.module.load_state_dict({k: v.to(rt.device) for k, v in load_file(path / "model.safetensors").items()})
     ema_tensors = load_file(path / "ema.safetensors")
