@@ -279,7 +279,7 @@ def cmd_sagemaker(cfg: Config, paths: Paths, args) -> dict:
     from blossom.sagemaker import job_definition, missing_for_submit, submit
 
     overrides = [shlex.quote(o) for o in args.set if not o.startswith("outputs=")]
-    job = job_definition(cfg, cfg.preset, overrides)
+    job = job_definition(cfg, overrides)
     if args.dry_run:
         print(json.dumps(job, indent=2))
         missing = missing_for_submit(cfg)

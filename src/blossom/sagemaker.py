@@ -18,7 +18,7 @@ CHECKPOINTS = "/opt/ml/checkpoints"  # SageMaker syncs this folder with checkpoi
 SHIPPED = ("src", "pyproject.toml", "README.md", "configs")  # what the job needs of the project
 
 
-def job_definition(cfg: Config, preset: str, overrides: list[str]) -> dict:
+def job_definition(cfg: Config, overrides: list[str]) -> dict:
     s = cfg.sagemaker
     job = {
         "estimator": "sagemaker.pytorch.PyTorch",
@@ -34,7 +34,7 @@ def job_definition(cfg: Config, preset: str, overrides: list[str]) -> dict:
         "max_run": int(s.max_run_hours * 3600),
         "checkpoint_s3_uri": s.checkpoint_s3_uri,
         "checkpoint_local_path": CHECKPOINTS,
-        "hyperparameters": {"preset": preset, "overrides": " ".join(overrides)},
+        "hyperparameters": {"preset": cfg.preset, "overrides": " ".join(overrides)},
         # Outputs (data, cache, checkpoints) live under the synced folder, so a restarted spot job
         # finds its cache and its `latest` checkpoint and goes on from there.
         "environment": {"BLOSSOM_OUTPUTS": f"{CHECKPOINTS}/outputs", "HF_HUB_OFFLINE": "1"},

@@ -129,8 +129,7 @@ def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Reco
 
 def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally) -> dict[str, int]:
     """(source image, split, metadata row) -> out_dir/<split>/NNNNNN.png + metadata.jsonl, all or nothing."""
-    splits = sorted({split for _, split, _ in items}, key=lambda s: (s not in SPLITS, SPLITS.index(s) if s in SPLITS else 0, s))
-    counts = {s: 0 for s in (*SPLITS, *splits)}
+    counts = dict.fromkeys([*SPLITS, *sorted({split for _, split, _ in items})], 0)  # train and val always exist
     workers = cfg.workers or len(os.sched_getaffinity(0))
     with atomic_dir(out_dir) as tmp:
         files = {}

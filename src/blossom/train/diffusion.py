@@ -152,7 +152,7 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     unet.train()
     bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step", disable=not rt.main)
     stats_file = open(stats_path, "a", encoding="utf-8") if rt.main else None
-    mine = rt.part(c.batch_size)
+    mine = rt.share(c.batch_size)
     for step in bar:
         # Every rank draws the whole global batch from the same generator and trains on its slice.
         idx = torch.randint(len(latents), (c.batch_size,), generator=gen)

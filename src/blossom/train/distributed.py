@@ -29,13 +29,8 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
-    def part(self, n: int) -> slice:
-        """This rank's contiguous share of n items (n divisible by the world size)."""
-        k = n // self.world
-        return slice(self.rank * k, (self.rank + 1) * k)
-
     def share(self, n: int) -> slice:
-        """This rank's share of n items that need not divide evenly (validation)."""
+        """This rank's contiguous share of n items (equal shares when the world size divides n)."""
         bounds = [n * r // self.world for r in range(self.world + 1)]
         return slice(bounds[self.rank], bounds[self.rank + 1])
 
