@@ -1,18 +1,17 @@
 """Lower precision: the speed it buys and the adherence it costs, side by side in one run.
 
-ONNX Runtime fp32 vs int8 (the exported UNet with dynamic int8 quantization: weights int8,
-activations quantized per call), and PyTorch fp32 vs bf16 (UNet and VAE decoder cast to
+ONNX Runtime fp32 vs int8 (the UNet and VAE decoder that `blossom export` quantizes statically,
+calibrated on the validation captions), and PyTorch fp32 vs bf16 (UNet and VAE decoder cast to
 bfloat16, which oneDNN runs on AVX512-BF16). The same prompts and seeds for each, scored by the
 attribute classifier.
 
-    .venv/bin/python benchmarks/precision.py [--model outputs/export] [--sampler ddim] [--steps 30]
+    .venv/bin/python benchmarks/precision.py [--model outputs/export] [--sampler unipc] [--steps 10] [--per-prompt 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,30 +27,20 @@ from timing import median_seconds
 PROMPT = "a red flower with five round petals on green grass"
 
 
-def int8_copy(folder: Path, out: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    shutil.copytree(folder, out)
-    (out / "onnx" / "unet.opt.onnx").unlink()  # the int8 graph replaces it; ORT optimises it at load
-    quantize_dynamic(folder / "onnx" / "unet.onnx", out / "onnx" / "unet.int8.onnx", weight_type=QuantType.QInt8)
-    (out / "onnx" / "unet.int8.onnx").replace(out / "onnx" / "unet.onnx")
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="outputs/export")
     ap.add_argument("--classifier", default="outputs/classifier")
-    ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--per-prompt", type=int, default=3)
+    ap.add_argument("--sampler", default="unipc")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--per-prompt", type=int, default=8)
     args = ap.parse_args()
     cfg = load_config()
     set_threads(physical_cores())
     cfg.sample = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.steps)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"ort fp32": OnnxBackend(args.model), "ort int8": OnnxBackend(int8_copy(Path(args.model), Path(tmp) / "i8")),
+        variants = {"ort fp32": OnnxBackend(args.model), "ort int8": OnnxBackend(args.model, precision="int8"),
                     "torch fp32": TorchBackend(args.model), "torch bf16": TorchBackend(args.model, torch.bfloat16)}
         times = median_seconds({k: (lambda seed, b=b: sample(b, [PROMPT], args.sampler, args.steps, 5.0, seed))
                                 for k, b in variants.items()})

@@ -58,12 +58,15 @@ def micro_prepared(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_exported(micro_prepared, tmp_path_factory):
-    """A trained micro model (4 steps) and its export: (model folder, export folder, parity numbers)."""
+    """A trained micro model (4 steps) and its export, int8 calibrated on the val captions:
+    (model folder, export folder, parity numbers)."""
+    from blossom.cli import calibration_captions
     from blossom.export import export
     from blossom.train.diffusion import train_diffusion
 
     cfg, paths = micro_prepared
     root = tmp_path_factory.mktemp("export")
     train_diffusion(cfg, paths.cache, paths.vae, root / "train")
-    diffs = export(root / "train" / "model", root / "export")
+    diffs = export(root / "train" / "model", root / "export", calibration_captions(paths.data / "val"),
+                   (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
     return root / "train" / "model", root / "export", diffs

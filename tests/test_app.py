@@ -30,7 +30,9 @@ def page(monkeypatch, **env) -> AppTest:
 def generate(at: AppTest, prompt: str, **settings) -> AppTest:
     at.text_area(key="prompt").set_value(prompt)
     if "backend" in settings:
-        at.radio[0].set_value(settings["backend"])
+        at.radio[0].set_value(settings["backend"]).run()
+    if "precision" in settings:
+        at.radio[1].set_value(settings["precision"])
     if "steps" in settings:
         at.slider[0].set_value(settings["steps"])
     if "n" in settings:
@@ -48,17 +50,19 @@ def test_no_model_yet_explains_the_one_command(monkeypatch, tmp_path):
     assert at.code[0].value == "make run"
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, backend):
+@pytest.mark.parametrize("backend, precision", [("onnx", "fp32"), ("onnx", "int8"), ("torch", "fp32")])
+def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, backend, precision):
     _, folder, _ = micro_exported
     at = page(monkeypatch, BLOSSOM_MODEL=folder)
     assert at.sidebar.metric[0].label == "Validation loss"
     prompt = "a pink flower with six thin petals at night"
-    at = generate(at, prompt, backend=backend, steps=4, n=3, seed=11)
+    assert at.radio[1].options == ["fp32", "int8"]  # the micro export has int8 graphs
+    at = generate(at, prompt, backend=backend, precision=precision, steps=4, n=3, seed=11)
     result = at.session_state["result"]
     assert result["summary"].startswith("3 image(s) in") and "seed 11" in result["summary"]
     assert at.success[0].value == result["summary"]
-    alone = sample(load_backend(backend, folder), [prompt] * 3, "unipc", 4, 5.0, 11)
+    assert ("int8" in result["summary"]) == (precision == "int8")
+    alone = sample(load_backend(backend, folder, precision), [prompt] * 3, "unipc", 4, 5.0, 11)
     assert np.array_equal(np.stack(result["images"]), alone)
     assert [b.label for b in at.get("download_button")] == ["Download PNG"] * 3
 

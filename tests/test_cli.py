@@ -22,6 +22,7 @@ def run(args, capsys):
         (["--set", "train.lr=fast", "train"], "'train.lr' must be float"),
         (["--set", "sample.steps=0", "generate", "a flower"], "'sample.steps' must be positive"),
         (["generate", "   "], "the prompt is empty"),
+        (["generate", "a flower", "--precision", "int8"], "the torch backend runs fp32 or bf16, not 'int8': use --backend onnx"),
         (["--set", "data.source=folder", "data"], "data.path is empty"),
     ],
 )

@@ -32,6 +32,7 @@ STAGE_READS = {
                    "evaluate.classifier_epochs"],
     "evaluate": ["sample", "evaluate.images_per_prompt", "evaluate.batch_size"],
     "promote": ["tracking"],
+    "export": ["sample.sampler", "sample.steps", "sample.guidance"],
     "publish": ["publish"],
 }
 

@@ -23,7 +23,7 @@ def exported(micro_exported):
 
 def test_onnx_parity_is_within_tolerance_and_recorded(exported):
     _, out, diffs = exported
-    assert set(diffs) == {"text_encoder", "unet", "vae_decoder", "image"}
+    assert set(diffs) == {"text_encoder", "unet", "vae_decoder", "image", "image_int8_psnr_db"}
     assert max(diffs[k] for k in ("text_encoder", "unet", "vae_decoder")) < COMPONENT_TOLERANCE
     assert diffs["image"] < IMAGE_TOLERANCE
     for name in ("text_encoder", "unet", "vae_decoder"):
@@ -72,6 +72,55 @@ def test_broken_or_missing_models_are_one_line_errors(exported, tmp_path):
         load_backend("torch", tmp_path / "nothing")
     with pytest.raises(ModelError, match="unknown backend 'tf'"):
         load_backend("tf", out)
+
+
+def _scopes(node) -> str:
+    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+
+
+def test_int8_quantizes_the_heavy_products_and_keeps_the_sensitive_ones(exported):
+    import onnx
+
+    from blossom.quantize import INT8_FILES
+
+    _, out, _ = exported
+    graph = onnx.load(str(out / "onnx" / "unet.onnx"), load_external_data=False).graph
+    int8 = onnx.load(str(out / "onnx" / INT8_FILES["unet"]), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    # in the QDQ graph a quantized op reads its weight through a DequantizeLinear
+    fed_by_dq = {n.name for n in int8.node if n.op_type in ("Conv", "MatMul", "Gemm")
+                 and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input[1:2])}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    kept = {n.name for n in convs if any(k in _scopes(n) for k in ("conv_in", "conv_out", "time_emb_proj"))}
+    assert len(kept) == 2 and kept.isdisjoint(fed_by_dq)
+    assert {n.name for n in convs} - kept <= fed_by_dq
+    attention_products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+    assert attention_products and fed_by_dq.isdisjoint(attention_products)
+    projections = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
+                   and ".attn" in _scopes(n)]
+    assert projections and set(projections) <= fed_by_dq
+
+
+def test_int8_backend_stays_near_fp32_and_is_chosen_by_precision(exported, tmp_path):
+    import shutil
+
+    _, out, diffs = exported
+    fp32 = sample(load_backend("onnx", out), PROMPTS, "ddim", 4, 5.0, seed=3).astype(float)
+    int8 = sample(load_backend("onnx", out, "int8"), PROMPTS, "ddim", 4, 5.0, seed=3).astype(float)
+    other_seed = sample(load_backend("onnx", out), PROMPTS, "ddim", 4, 5.0, seed=4).astype(float)
+
+    def psnr(a, b):
+        return 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+
+    # int8 is not fp32, but it is the same picture: far closer to it than another seed's picture is
+    assert 0 < np.abs(int8 - fp32).max() and psnr(fp32, int8) > psnr(fp32, other_seed) + 10
+    assert diffs["image_int8_psnr_db"] > psnr(fp32, other_seed) + 10
+    with pytest.raises(ModelError, match="the torch backend runs fp32 or bf16, not 'int8': use --backend onnx"):
+        load_backend("torch", out, "int8")
+    bare = tmp_path / "no-int8"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("*.int8.onnx*"))
+    with pytest.raises(ModelError, match=r"missing onnx/unet.int8.onnx, onnx/vae_decoder.int8.onnx\).*blossom export"):
+        load_backend("onnx", bare, "int8")
 
 
 def _with_scores(exported, tmp_path):

@@ -20,8 +20,6 @@ from blossom.errors import ModelError
 from blossom.images import to_uint8
 from blossom.models import load_text_encoder, load_vae, tokenize
 
-BACKENDS = ("torch", "onnx")
-
 
 def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
     needed = needed or ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
@@ -107,23 +105,26 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
 
 
 class OnnxBackend:
-    """The exported ONNX graphs in ONNX Runtime; the optimised copies when present."""
+    """The exported ONNX graphs in ONNX Runtime; the optimised copies when present. `precision`
+    int8 runs the statically quantized UNet and VAE decoder that `blossom export` calibrates."""
 
     name = "onnx"
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, precision: str = "fp32"):
         from transformers import AutoTokenizer
 
         from blossom.export import ONNX_FILES
+        from blossom.quantize import INT8_FILES
 
         folder = Path(folder)
+        files = {**ONNX_FILES, **INT8_FILES} if precision == "int8" else ONNX_FILES
         _check_folder(folder, ["blossom.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer",
-                               *[f"onnx/{f}" for f in ONNX_FILES.values()]])
+                               *[f"onnx/{f}" for f in files.values()]])
         self.info = json.loads((folder / "blossom.json").read_text())
         self.max_tokens = self.info["text"]["max_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         self.sessions = {}
-        for key, name in ONNX_FILES.items():
+        for key, name in files.items():
             optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
             path = optimized if optimized.exists() else folder / "onnx" / name
             self.sessions[key] = ort_session(path, threads=threads, spin=key == "unet")
@@ -165,9 +166,15 @@ class OnnxBackend:
         return to_uint8(self.decode_float(latents))
 
 
-def load_backend(name: str, folder: str | Path):
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
+
+
+def load_backend(name: str, folder: str | Path, precision: str = "fp32"):
+    if name not in PRECISIONS:
+        raise ModelError(f"unknown backend {name!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS[name]:
+        fix = {"bf16": "--backend torch", "int8": "--backend onnx"}.get(precision, "--precision fp32")
+        raise ModelError(f"the {name} backend runs {' or '.join(PRECISIONS[name])}, not {precision!r}: use {fix}")
     if name == "torch":
-        return TorchBackend(folder)
-    if name == "onnx":
-        return OnnxBackend(folder)
-    raise ModelError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+        return TorchBackend(folder, torch.bfloat16 if precision == "bf16" else torch.float32)
+    return OnnxBackend(folder, precision=precision)

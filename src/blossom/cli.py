@@ -189,13 +189,27 @@ def cmd_promote(cfg: Config, paths: Paths, args) -> dict:
     return result
 
 
+def calibration_captions(folder: Path) -> list[str] | None:
+    """Captions that int8 calibration samples: the first of an image folder's metadata.jsonl."""
+    from blossom.data.folder import read_metadata
+    from blossom.quantize import CALIBRATION_CAPTIONS
+
+    if not (folder / "metadata.jsonl").exists():
+        log.warning("no captions at %s to calibrate int8 with: int8 graphs not written (pass --calibration FOLDER)", folder)
+        return None
+    return [r.text for r in read_metadata(folder)[:CALIBRATION_CAPTIONS]]
+
+
 def cmd_export(cfg: Config, paths: Paths, args) -> dict:
     from blossom.export import export
 
     source = Path(args.model) if args.model else paths.champion
-    diffs = export(source, paths.export)
+    calibration = calibration_captions(Path(args.calibration) if args.calibration else paths.data / "val")
+    diffs = export(source, paths.export, calibration, (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
+    psnr = diffs.pop("image_int8_psnr_db", None)
     print(f"export: diffusers pipeline + ONNX -> {paths.export}; ONNX vs PyTorch max abs diff: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+          + (f"; int8 image vs fp32: {psnr:.1f} dB PSNR" if psnr is not None else "; no int8 (no calibration captions)"))
     return diffs
 
 
@@ -240,7 +254,7 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
         raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
     if args.n <= 0:
         raise BlossomError(f"--n must be at least 1, got {args.n}")
-    backend = load_backend(args.backend, args.model or paths.served_model())
+    backend = load_backend(args.backend, args.model or paths.served_model(), args.precision)
     images = sample(backend, [args.prompt] * args.n, args.sampler or cfg.sample.sampler,
                     cfg.sample.steps if args.steps is None else args.steps,
                     cfg.sample.guidance if args.guidance is None else args.guidance,
@@ -325,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_promote)
     s = sub.add_parser("export", help="the champion as a diffusers pipeline folder and ONNX graphs, checked")
     s.add_argument("--model", help="model folder to export (default: outputs/champion)")
+    s.add_argument("--calibration", help="image folder whose captions calibrate the int8 graphs (default: outputs/data/val)")
     s.set_defaults(fn=cmd_export)
     sub.add_parser("publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/").set_defaults(
         fn=cmd_publish)
@@ -344,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
     s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    s.add_argument("--precision", default="fp32", help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx)")
     s.add_argument("--model", help="model folder (default: outputs/export, else outputs/train/model)")
     s.add_argument("--out", default="outputs/generated")
     s.set_defaults(fn=cmd_generate)

@@ -4,7 +4,8 @@ The pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `toke
 `scheduler/`, safetensors weights) loads with `diffusers.StableDiffusionPipeline.from_pretrained`
 and no blossom code. `onnx/` beside it holds the text encoder, UNet and VAE decoder as ONNX
 graphs (dynamic batch), each also saved after ONNX Runtime's graph optimisations, so a session
-starts without redoing them. Everything is written to a temp folder and renamed at the end: a
+starts without redoing them; given calibration captions, also int8 copies of the UNet and VAE
+decoder (quantize.py). Everything is written to a temp folder and renamed at the end: a
 killed export never leaves a half folder that looks complete.
 """
 
@@ -133,9 +134,23 @@ def check_parity(diffs: dict[str, float]) -> None:
         raise ModelError(f"ONNX export differs from PyTorch ({', '.join(bad)}): report this with your model config")
 
 
-def export(model_dir: Path, out_dir: Path) -> dict:
-    """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers."""
+def int8_psnr(fp32, int8) -> float:
+    """How far int8 moves a guided sample, in dB (recorded, not checked: int8 is meant to differ;
+    benchmarks/precision.py measures what it costs in adherence)."""
+    from blossom.sampling import denoise
+
+    prompts = ["a red flower with five round petals on green grass", "a white flower at night"]
+    a, b = (x.decode_float(denoise(x, prompts, "ddim", 4, 5.0, 0)).clamp(-1, 1) for x in (fp32, int8))
+    return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
+
+
+def export(model_dir: Path, out_dir: Path, calibration: list[str] | None = None,
+           sampling: tuple[str, int, float] = ("unipc", 15, 5.0)) -> dict:
+    """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers.
+    With calibration captions, also the int8 UNet and VAE decoder, calibrated by sampling them
+    (sampler, steps, guidance)."""
     from blossom.backends import OnnxBackend, TorchBackend
+    from blossom.quantize import write_int8
 
     torch_backend = TorchBackend(model_dir)
     with atomic_dir(out_dir) as tmp:
@@ -148,8 +163,12 @@ def export(model_dir: Path, out_dir: Path) -> dict:
         write_json(tmp / "blossom.json", info)
         (tmp / "onnx").mkdir()
         write_onnx(torch_backend, tmp / "onnx")
-        diffs = parity(torch_backend, OnnxBackend(tmp))
+        onnx_backend = OnnxBackend(tmp)
+        diffs = parity(torch_backend, onnx_backend)
         check_parity(diffs)
+        if calibration:
+            write_int8(tmp / "onnx", onnx_backend, calibration, *sampling)
+            diffs["image_int8_psnr_db"] = int8_psnr(onnx_backend, OnnxBackend(tmp, precision="int8"))
         write_json(tmp / "onnx" / "parity.json", {k: float(np.float32(v)) for k, v in diffs.items()})
     log.info("ONNX parity (max abs diff): %s", diffs)
     return diffs

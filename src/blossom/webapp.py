@@ -52,10 +52,19 @@ def _download(repo_id: str) -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def load(backend: str, folder: str):
+def load(backend: str, folder: str, precision: str = "fp32"):
     from blossom.backends import load_backend
 
-    return load_backend(backend, folder)
+    return load_backend(backend, folder, precision)
+
+
+def precisions(backend: str, folder: Path) -> list[str]:
+    """What the backend can run this folder in: int8 only where export wrote the int8 graphs."""
+    from blossom.backends import PRECISIONS
+    from blossom.quantize import INT8_FILES
+
+    has_int8 = all((folder / "onnx" / f).exists() for f in INT8_FILES.values())
+    return [p for p in PRECISIONS[backend] if p != "int8" or has_int8]
 
 
 def model_card(folder: Path) -> dict:
@@ -126,6 +135,9 @@ def main() -> None:
 
     c1, c2, c3 = st.columns(3)
     backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
+    precision = c1.radio("Precision", precisions(backend_name, folder), horizontal=True,
+                         help="int8 (ONNX Runtime) and bf16 (PyTorch, on CPUs with AVX512-BF16 or AMX) trade "
+                              "a little accuracy for speed on large models")
     sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
     steps = c2.slider("Steps", 1, MAX_STEPS, 15)
     guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
@@ -134,7 +146,7 @@ def main() -> None:
     seed = c3.number_input("Seed", 0, MAX_SEED, 0, disabled=random_seed)
 
     try:
-        backend = load(backend_name, str(folder))
+        backend = load(backend_name, str(folder), precision)
         sidebar(folder)
     except Exception as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -142,12 +154,12 @@ def main() -> None:
         return
 
     if st.button("Generate", type="primary"):
-        generate(backend, backend_name, prompt, sampler, int(steps), float(guidance), int(n),
-                 None if random_seed else int(seed))
+        label = BACKEND_LABELS[backend_name] + ("" if precision == "fp32" else f" {precision}")
+        generate(backend, label, prompt, sampler, int(steps), float(guidance), int(n), None if random_seed else int(seed))
     show(state.get("result"))
 
 
-def generate(backend, backend_name: str, prompt: str, sampler: str, steps: int, guidance: float, n: int,
+def generate(backend, backend_label: str, prompt: str, sampler: str, steps: int, guidance: float, n: int,
              seed: int | None) -> None:
     """Sample and keep the result in this visitor's session, so a later rerun still shows it."""
     state = st.session_state
@@ -181,7 +193,7 @@ def generate(backend, backend_name: str, prompt: str, sampler: str, steps: int, 
     took = time.perf_counter() - start
     bar.empty()
     state["result"] = {"images": images, "seed": seed, "seconds": took,
-                       "summary": f"{len(images)} image(s) in {took:.2f} s with {BACKEND_LABELS[backend_name]} "
+                       "summary": f"{len(images)} image(s) in {took:.2f} s with {backend_label} "
                                   f"({sampler}, {steps} steps, guidance {guidance}, seed {seed})"}
 
 
