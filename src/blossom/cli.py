@@ -272,7 +272,7 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
     from blossom.fsutil import write_json
 
     timings = {}
-    stage_args = argparse.Namespace(source=None, path=None, resume=None, model=None)
+    stage_args = argparse.Namespace(source=None, path=None, resume=None, model=None, calibration=None)
     for name, fn in (("data", cmd_data), ("train-vae", cmd_train_vae), ("cache", cmd_cache), ("train", cmd_train),
                      ("evaluate", cmd_evaluate), ("promote", cmd_promote), ("export", cmd_export),
                      ("publish", cmd_publish)):
