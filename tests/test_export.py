@@ -31,6 +31,10 @@ def test_onnx_parity_is_within_tolerance_and_recorded(exported):
     import onnx
 
     assert onnx.load(str(out / "onnx" / "unet.onnx"), load_external_data=False).opset_import[0].version >= 17
+    # saved optimised graphs carry no CPU-specific layout (NCHWc blocks sized to this CPU's vectors)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        graph = onnx.load(str(out / "onnx" / f"{name}.opt.onnx"), load_external_data=False).graph
+        assert not [n for n in graph.node if n.domain == "com.microsoft.nchwc"]
 
 
 def test_pipeline_folder_runs_in_stock_diffusers_and_matches_blossom(exported):

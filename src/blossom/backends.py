@@ -82,13 +82,18 @@ class TorchBackend:
 
 
 def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None, spin: bool = True):
-    """An ONNX Runtime session: all graph optimisations, one intra-op thread per physical core,
+    """An ONNX Runtime session: all graph optimisations (all but layout when saving the optimised
+    graph to `optimized_path`), one intra-op thread per physical core,
     the CUDA provider when this onnxruntime build has it. `spin=False` lets idle threads sleep,
     so a session used once per image does not compete with the UNet's spinning threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A saved graph stops before the layout optimisations: their NCHWc blocking follows this CPU's
+    # vector width (16 floats on AVX-512, 8 on AVX2), and a published model runs on other machines.
+    # Loading redoes them for the machine at hand in a fraction of a second.
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_EXTENDED if optimized_path else level.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
