@@ -157,6 +157,7 @@ def test_publish_locally_with_a_model_card(exported, tmp_path):
     assert card.startswith("---\nlicense: apache-2.0\n") and "pipeline_tag: text-to-image" in card
     assert "| petal colour | 0.95 | 0.50 | 1.00 |" in card and "![samples](samples.png)" in card
     assert "Intended use and limitations" in card and "Training data" in card
+    assert "int8 copies of the UNet and VAE decoder" in card
     val = json.loads((folder / "train.json").read_text())["val_loss"]
     assert f"**{val:.4f}**" in card
     # the local folder is a complete model for both backends

@@ -44,7 +44,9 @@ def model_card(folder: Path, repo_id: str) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {repo_id}", "",
              "A small text-to-image latent diffusion model trained with blossom on procedural flowers. It loads in stock `diffusers` "
-             "(`StableDiffusionPipeline.from_pretrained`) and ships ONNX graphs (`onnx/`) for ONNX Runtime.", "",
+             "(`StableDiffusionPipeline.from_pretrained`) and ships ONNX graphs (`onnx/`) for ONNX Runtime"
+             + (", with statically quantized int8 copies of the UNet and VAE decoder (`onnx/*.int8.onnx`, "
+                "calibrated on validation captions)" if (folder / "onnx" / "unet.int8.onnx").exists() else "") + ".", "",
              "## Metrics", ""]
     val = train.get("val_loss")
     lines.append(f"- Validation loss (noise MSE, fixed seed, EMA weights): **{val:.4f}**" if val is not None
