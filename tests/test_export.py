@@ -95,7 +95,7 @@ def test_int8_quantizes_the_heavy_products_and_keeps_the_sensitive_ones(exported
     fed_by_dq = {n.name for n in int8.node if n.op_type in ("Conv", "MatMul", "Gemm")
                  and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input[1:2])}
     convs = [n for n in graph.node if n.op_type == "Conv"]
-    kept = {n.name for n in convs if any(k in _scopes(n) for k in ("conv_in", "conv_out", "time_emb_proj"))}
+    kept = {n.name for n in convs if any(k in _scopes(n) for k in ("conv_in", "conv_out"))}
     assert len(kept) == 2 and kept.isdisjoint(fed_by_dq)
     assert {n.name for n in convs} - kept <= fed_by_dq
     attention_products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
