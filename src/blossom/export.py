@@ -141,7 +141,7 @@ def int8_psnr(fp32, int8) -> float:
 
     prompts = ["a red flower with five round petals on green grass", "a white flower at night"]
     a, b = (x.decode_float(denoise(x, prompts, "ddim", 4, 5.0, 0)).clamp(-1, 1) for x in (fp32, int8))
-    return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
+    return float(10 * torch.log10(4 / (a - b).pow(2).mean().clamp(min=1e-12)))  # range 2: images in [-1, 1]
 
 
 def export(model_dir: Path, out_dir: Path, calibration: list[str] | None = None,
