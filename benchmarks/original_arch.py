@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from blossom.backends import OnnxBackend, TorchBackend, physical_cores
+from blossom.backends import OnnxBackend, TorchBackend, physical_cores, unet_feed
 from blossom.sampling import sample
 from timing import median_seconds
 
@@ -66,10 +66,7 @@ def build(root: Path) -> Path:
     write_json(model / "blossom.json", {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256",
                                         "image_size": 256})
     write_json(model / "train.json", {"val_loss": None, "steps": 0})
-    export(model, root / "export")
-    from blossom.quantize import write_int8
-
-    write_int8(root / "export" / "onnx", OnnxBackend(root / "export"), [PROMPT, "a white flower at night"], "unipc", 10)
+    export(model, root / "export", [PROMPT, "a white flower at night"], ("unipc", 10, 5.0))
     return root / "export"
 
 
@@ -85,10 +82,7 @@ class OpenVinoBackend(OnnxBackend):
                    for k in ("unet", "vae_decoder")}
 
     def unet(self, latents, t, text):
-        n = len(latents)
-        out = self.ov["unet"].infer({"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(n).numpy(),
-                                     "encoder_hidden_states": text.float().numpy()})
-        return torch.from_numpy(out[0].copy())
+        return torch.from_numpy(self.ov["unet"].infer(unet_feed(latents, t, text))[0].copy())
 
     def decode_float(self, latents, batch: int = 16):
         return torch.from_numpy(self.ov["vae_decoder"].infer({"latents": latents.float().numpy()})[0].copy())

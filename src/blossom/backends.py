@@ -109,6 +109,12 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
         raise ModelError(f"cannot load the ONNX model {path} ({first}): export it again with `blossom export`") from None
 
 
+def unet_feed(latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
+    """The exported UNet's inputs by name: float32 arrays, one timestep per row."""
+    return {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
+            "encoder_hidden_states": text.float().numpy()}
+
+
 class OnnxBackend:
     """The exported ONNX graphs in ONNX Runtime; the optimised copies when present. `precision`
     int8 runs the statically quantized UNet and VAE decoder that `blossom export` calibrates."""
@@ -155,10 +161,7 @@ class OnnxBackend:
         return out
 
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        n = len(latents)
-        feed = {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(n).contiguous().numpy(),
-                "encoder_hidden_states": text.float().numpy()}
-        (pred,) = self.sessions["unet"].run(None, feed)
+        (pred,) = self.sessions["unet"].run(None, unet_feed(latents, t, text))
         return torch.from_numpy(pred)
 
     def decode_float(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:

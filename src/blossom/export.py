@@ -108,14 +108,21 @@ def write_onnx(backend, out: Path) -> None:
         ort_session(out / name, optimized_path=out / name.replace(".onnx", ".opt.onnx"))
 
 
-def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
-    """Max abs differences, ONNX Runtime vs PyTorch, per component and for a whole guided sample."""
+CHECK_PROMPTS = ["a red flower with five round petals on green grass", "a white flower at night"]
+
+
+def guided_sample(backend, steps: int = 4) -> torch.Tensor:
+    """The check prompts' images in [-1, 1] (DDIM with guidance, seed 0), before rounding to 8 bits."""
     from blossom.sampling import denoise
 
-    prompts = ["a red flower with five round petals on green grass", "a white flower at night"]
+    return backend.decode_float(denoise(backend, CHECK_PROMPTS, "ddim", steps, 5.0, 0))
+
+
+def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
+    """Max abs differences, ONNX Runtime vs PyTorch, per component and for a whole guided sample."""
     c, h, w = torch_backend.latent_shape
     g = torch.Generator().manual_seed(0)
-    text_t, text_o = torch_backend.encode_text(prompts), onnx_backend.encode_text(prompts)
+    text_t, text_o = torch_backend.encode_text(CHECK_PROMPTS), onnx_backend.encode_text(CHECK_PROMPTS)
     lat = torch.randn(2, c, h, w, generator=g)
     t = torch.tensor([999.0, 250.0])
     diffs = {
@@ -123,8 +130,7 @@ def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
         "unet": (torch_backend.unet(lat, t, text_t) - onnx_backend.unet(lat, t, text_t)).abs().max().item(),
         "vae_decoder": (torch_backend.decode_float(lat) - onnx_backend.decode_float(lat)).abs().max().item(),
     }
-    images = [b.decode_float(denoise(b, prompts, "ddim", steps, 5.0, 0)) for b in (torch_backend, onnx_backend)]
-    diffs["image"] = (images[0] - images[1]).abs().max().item()
+    diffs["image"] = (guided_sample(torch_backend, steps) - guided_sample(onnx_backend, steps)).abs().max().item()
     return diffs
 
 
@@ -137,10 +143,7 @@ def check_parity(diffs: dict[str, float]) -> None:
 def int8_psnr(fp32, int8) -> float:
     """How far int8 moves a guided sample, in dB (recorded, not checked: int8 is meant to differ;
     benchmarks/precision.py measures what it costs in adherence)."""
-    from blossom.sampling import denoise
-
-    prompts = ["a red flower with five round petals on green grass", "a white flower at night"]
-    a, b = (x.decode_float(denoise(x, prompts, "ddim", 4, 5.0, 0)).clamp(-1, 1) for x in (fp32, int8))
+    a, b = (guided_sample(x).clamp(-1, 1) for x in (fp32, int8))
     return float(10 * torch.log10(4 / (a - b).pow(2).mean().clamp(min=1e-12)))  # range 2: images in [-1, 1]
 
 

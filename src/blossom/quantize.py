@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from blossom.backends import unet_feed
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_CAPTIONS = 32
@@ -37,9 +39,7 @@ class _Recorder:
         return self.backend.encode_text(prompts)
 
     def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        self.unet_feeds.append({"sample": latents.float().numpy().copy(),
-                                "timestep": t.float().reshape(-1).expand(len(latents)).numpy().copy(),
-                                "encoder_hidden_states": text.float().numpy().copy()})
+        self.unet_feeds.append({k: v.copy() for k, v in unet_feed(latents, t, text).items()})
         return self.backend.unet(latents, t, text)
 
 
