@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast bench clean chromium
+.PHONY: install run test test-fast bench clean test-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,13 @@ install: $(VENV)/.installed
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-# The browser tests drive Debian's chromium; Playwright's own browser download cannot work offline.
-chromium:
-	@test -x /usr/bin/chromium || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the tests use: chromium for the browser tests (Playwright's own browser download
+# cannot work offline), qemu-user to run int8 graphs on an emulated CPU without VNNI.
+test-tools:
+	@test -x /usr/bin/chromium -a -x /usr/bin/qemu-x86_64 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium qemu-user >/dev/null; }
 
-test: install chromium
+test: install test-tools
 	$(BIN)/pytest -q
 
 test-fast: install

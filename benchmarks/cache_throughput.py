@@ -20,6 +20,7 @@ from blossom.config import load_config
 from blossom.data import synthetic
 from blossom.models import build_unet, build_vae, load_text_encoder, noise_scheduler, set_threads
 from blossom.images import to_tensor
+from machine import machine_line
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config()
     set_threads(cfg.threads)
+    print(machine_line())
     torch.manual_seed(0)
 
     pool = [synthetic.generate(0, i, cfg.data.image_size) for i in range(args.batch * 4)]

@@ -3,8 +3,8 @@ same weights, side by side in one run.
 
 One image, DDIM with classifier-free guidance (the UNet sees a batch of 2 per step), plus the
 compute limit: the model's FLOPs per image (torch's FlopCounterMode, math attention so the
-attention matmuls are counted) over the machine's peak (`--peak`, GFLOP/s; 185 is fp32 sgemm on
-these 2-core Zen 4 machines).
+attention matmuls are counted) over the machine's fp32 peak, measured in the same run (the better
+of a matrix product and a convolution probe, benchmarks/machine.py), or `--peak` GFLOP/s.
 
     .venv/bin/python benchmarks/inference.py [--model outputs/export] [--steps 30] [--rounds 3]
 
@@ -22,6 +22,7 @@ import torch
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.sampling import sample
+from machine import machine_line, measured_peak
 from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
@@ -68,9 +69,11 @@ def main() -> None:
     ap.add_argument("--model", help="an exported model folder (default: outputs/export, else a random tiny model)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="blocks of 5 timed images per backend, taking turns")
-    ap.add_argument("--peak", type=float, default=185.0, help="the machine's fp32 peak, GFLOP/s")
+    ap.add_argument("--peak", type=float, help="the machine's fp32 peak, GFLOP/s (default: measured now)")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
+    probe = measured_peak()
+    peak = args.peak or max(probe.values())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else Path("outputs/export")
         if not folder.is_dir():
@@ -79,11 +82,12 @@ def main() -> None:
         backends = {"pytorch eager": TorchBackend(folder), "onnx runtime": OnnxBackend(folder)}
         if (folder / "onnx" / "unet.int8.onnx").exists():
             backends["onnx runtime int8"] = OnnxBackend(folder, precision="int8")
-        limit = flops_per_image(backends["pytorch eager"], args.steps) / (args.peak * 1e9)
+        limit = flops_per_image(backends["pytorch eager"], args.steps) / (peak * 1e9)
         times = median_seconds({name: (lambda seed, b=b: sample(b, [PROMPT], "ddim", args.steps, 5.0, seed))
                                 for name, b in backends.items()}, rounds=args.rounds)
+    print(machine_line(probe))
     print(f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
-          f"compute limit {limit * 1e3:.0f} ms at {args.peak:.0f} GFLOP/s")
+          f"compute limit {limit * 1e3:.0f} ms at {peak:.0f} GFLOP/s")
     for name, s in times.items():
         print(f"{name:>17}: {s * 1e3:7.1f} ms/image  ({s / limit:.2f}x the compute limit; "
               f"{times['pytorch eager'] / s:.2f}x faster than PyTorch eager)")

@@ -25,6 +25,7 @@ from PIL import Image
 
 from blossom.config import DataConfig
 from blossom.data.folder import import_folder
+from machine import machine_line
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -70,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cores = len(os.sched_getaffinity(0))
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="blossom-ingest-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()

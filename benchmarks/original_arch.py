@@ -24,6 +24,7 @@ import torch
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores, unet_feed
 from blossom.sampling import sample
+from machine import machine_line
 from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--openvino", action="store_true", help="also time OpenVINO bf16 on UniPC 10 (pip install openvino)")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
+    print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp))
         ort = OnnxBackend(folder)

@@ -22,6 +22,7 @@ from blossom.config import load_config
 from blossom.evaluate import evaluate
 from blossom.models import set_threads
 from blossom.sampling import sample
+from machine import machine_line
 from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
@@ -37,6 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config()
     set_threads(physical_cores())
+    print(machine_line())
     cfg.sample = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.steps)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     with tempfile.TemporaryDirectory() as tmp:

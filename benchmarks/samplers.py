@@ -19,6 +19,7 @@ from blossom.backends import load_backend, physical_cores
 from blossom.config import load_config
 from blossom.evaluate import HEADS, evaluate
 from blossom.models import set_threads
+from machine import machine_line
 
 GRID = [("ddim", 10), ("ddim", 20), ("ddim", 30), ("ddim", 50), ("dpm++2m", 5), ("dpm++2m", 10), ("dpm++2m", 15),
         ("dpm++2m", 20), ("unipc", 5), ("unipc", 10), ("unipc", 15), ("euler", 20)]
@@ -38,6 +39,7 @@ def main() -> None:
     keys = args.attributes.split(",")
     cfg = load_config()
     set_threads(physical_cores())
+    print(machine_line())
     backend = load_backend(args.backend, args.model)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     rows = []

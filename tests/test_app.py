@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from blossom.backends import load_backend
+from blossom.cpu import has_vnni
 from blossom.sampling import sample
 
 from conftest import PARAMS
@@ -50,18 +51,19 @@ def test_no_model_yet_explains_the_one_command(monkeypatch, tmp_path):
     assert at.code[0].value == "make run"
 
 
-@pytest.mark.parametrize("backend, precision", [("onnx", "fp32"), ("onnx", "int8"), ("torch", "fp32")])
+@pytest.mark.parametrize("backend, precision", [("onnx", "fp32"), ("onnx", "int8"), ("onnx", "auto"), ("torch", "fp32")])
 def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, backend, precision):
     _, folder, _ = micro_exported
     at = page(monkeypatch, BLOSSOM_MODEL=folder)
     assert at.sidebar.metric[0].label == "Validation loss"
     prompt = "a pink flower with six thin petals at night"
-    assert at.radio[1].options == ["fp32", "int8"]  # the micro export has int8 graphs
+    assert at.radio[1].options == ["fp32", "int8", "auto"]  # the micro export has int8 graphs
     at = generate(at, prompt, backend=backend, precision=precision, steps=4, n=3, seed=11)
     result = at.session_state["result"]
     assert result["summary"].startswith("3 image(s) in") and "seed 11" in result["summary"]
     assert at.success[0].value == result["summary"]
-    assert ("int8" in result["summary"]) == (precision == "int8")
+    runs_int8 = precision == "int8" or (precision == "auto" and has_vnni())
+    assert ("int8" in result["summary"]) == runs_int8 and ("(auto)" in result["summary"]) == (precision == "auto")
     alone = sample(load_backend(backend, folder, precision), [prompt] * 3, "unipc", 4, 5.0, 11)
     assert np.array_equal(np.stack(result["images"]), alone)
     assert [b.label for b in at.get("download_button")] == ["Download PNG"] * 3

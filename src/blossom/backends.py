@@ -131,6 +131,8 @@ class OnnxBackend:
         files = {**ONNX_FILES, **INT8_FILES} if precision == "int8" else ONNX_FILES
         _check_folder(folder, ["blossom.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer",
                                *[f"onnx/{f}" for f in files.values()]])
+        if precision == "int8":
+            _check_int8_runs_here(folder)
         self.info = json.loads((folder / "blossom.json").read_text())
         self.max_tokens = self.info["text"]["max_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -174,15 +176,52 @@ class OnnxBackend:
         return to_uint8(self.decode_float(latents))
 
 
-PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
+def _check_int8_runs_here(folder: Path) -> None:
+    """Refuse int8 graphs that saturate on this CPU (full-range weights from an older export, on a
+    CPU without VNNI) instead of drawing wrong images."""
+    from blossom.cpu import has_vnni
+    from blossom.quantize import INT8_FILES, saturates_without_vnni
+
+    if has_vnni():
+        return
+    if any(saturates_without_vnni(folder / "onnx" / f) for f in INT8_FILES.values()):
+        raise ModelError(f"{folder}'s int8 graphs use 8-bit weights, which overflow on CPUs without VNNI like "
+                         "this one: export the model again with `blossom export`, or use --precision fp32")
+
+
+def has_int8(folder: str | Path) -> bool:
+    from blossom.quantize import INT8_FILES
+
+    return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
+
+
+PRECISIONS = {"torch": ("fp32", "bf16", "auto"), "onnx": ("fp32", "int8", "auto")}
+
+
+def resolve_precision(name: str, folder: str | Path, precision: str) -> tuple[str, str]:
+    """(precision, why) with `auto` decided for this CPU and model: ONNX int8 where the CPU has VNNI
+    and the folder has int8 graphs; fp32 otherwise (bf16 loses to fp32 on small models)."""
+    from blossom.cpu import auto_precision
+
+    if precision != "auto":
+        return precision, "asked for"
+    if name == "torch":
+        return "fp32", "the PyTorch backend's default"
+    return auto_precision(has_int8(folder))
 
 
 def load_backend(name: str, folder: str | Path, precision: str = "fp32"):
+    """The backend for `folder`; `backend.precision` says what `auto` resolved to, `backend.precision_why` why."""
     if name not in PRECISIONS:
         raise ModelError(f"unknown backend {name!r}: use one of {', '.join(PRECISIONS)}")
     if precision not in PRECISIONS[name]:
         fix = {"bf16": "--backend torch", "int8": "--backend onnx"}.get(precision, "--precision fp32")
-        raise ModelError(f"the {name} backend runs {' or '.join(PRECISIONS[name])}, not {precision!r}: use {fix}")
+        runs = " or ".join(p for p in PRECISIONS[name] if p != "auto")
+        raise ModelError(f"the {name} backend runs {runs}, not {precision!r}: use {fix}")
+    chosen, why = resolve_precision(name, folder, precision)
     if name == "torch":
-        return TorchBackend(folder, torch.bfloat16 if precision == "bf16" else torch.float32)
-    return OnnxBackend(folder, precision=precision)
+        backend = TorchBackend(folder, torch.bfloat16 if chosen == "bf16" else torch.float32)
+    else:
+        backend = OnnxBackend(folder, precision=chosen)
+    backend.precision, backend.precision_why = chosen, why
+    return backend

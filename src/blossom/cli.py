@@ -255,6 +255,8 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     if args.n <= 0:
         raise BlossomError(f"--n must be at least 1, got {args.n}")
     backend = load_backend(args.backend, args.model or paths.served_model(), args.precision)
+    if args.precision == "auto":
+        print(f"generate: precision auto -> {backend.precision} ({backend.precision_why})")
     images = sample(backend, [args.prompt] * args.n, args.sampler or cfg.sample.sampler,
                     cfg.sample.steps if args.steps is None else args.steps,
                     cfg.sample.guidance if args.guidance is None else args.guidance,
@@ -359,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
     s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    s.add_argument("--precision", default="fp32", help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx)")
+    s.add_argument("--precision", default="fp32",
+                   help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx); auto (onnx: int8 on CPUs "
+                        "with VNNI, fp32 elsewhere)")
     s.add_argument("--model", help="model folder (default: outputs/export, else outputs/train/model)")
     s.add_argument("--out", default="outputs/generated")
     s.set_defaults(fn=cmd_generate)

@@ -59,12 +59,12 @@ def load(backend: str, folder: str, precision: str = "fp32"):
 
 
 def precisions(backend: str, folder: Path) -> list[str]:
-    """What the backend can run this folder in: int8 only where export wrote the int8 graphs."""
-    from blossom.backends import PRECISIONS
-    from blossom.quantize import INT8_FILES
+    """What the backend can run this folder in: int8 (and `auto`, which picks it on VNNI CPUs) only
+    where export wrote the int8 graphs."""
+    from blossom.backends import PRECISIONS, has_int8
 
-    has_int8 = all((folder / "onnx" / f).exists() for f in INT8_FILES.values())
-    return [p for p in PRECISIONS[backend] if p != "int8" or has_int8]
+    int8 = has_int8(folder)
+    return [p for p in PRECISIONS[backend] if p not in ("int8", "auto") or (backend == "onnx" and int8)]
 
 
 def model_card(folder: Path) -> dict:
@@ -137,7 +137,8 @@ def main() -> None:
     backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
     precision = c1.radio("Precision", precisions(backend_name, folder), horizontal=True,
                          help="int8 (ONNX Runtime) and bf16 (PyTorch, on CPUs with AVX512-BF16 or AMX) trade "
-                              "a little accuracy for speed on large models")
+                              "a little accuracy for speed on large models; auto picks int8 on CPUs with VNNI "
+                              "int8 dot products, fp32 elsewhere")
     sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
     steps = c2.slider("Steps", 1, MAX_STEPS, 15)
     guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
@@ -154,7 +155,8 @@ def main() -> None:
         return
 
     if st.button("Generate", type="primary"):
-        label = BACKEND_LABELS[backend_name] + ("" if precision == "fp32" else f" {precision}")
+        chosen = backend.precision + (" (auto)" if precision == "auto" else "")
+        label = BACKEND_LABELS[backend_name] + ("" if chosen == "fp32" else f" {chosen}")
         generate(backend, label, prompt, sampler, int(steps), float(guidance), int(n), None if random_seed else int(seed))
     show(state.get("result"))
 
