@@ -69,15 +69,26 @@ def make_folder(root: Path) -> Path:
     return root
 
 
-def rows_of(folder: Path) -> dict[str, dict]:
-    return {r["file_name"]: r for r in map(json.loads, (folder / "metadata.jsonl").read_text().splitlines())}
+def rows_of(meta: Path) -> dict[str, dict]:
+    return {r["file_name"]: r for r in map(json.loads, meta.read_text().splitlines())}
+
+
+def hashes(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under folder: content hash and permission bits."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_template_captions_from_labels_and_folder_names(tmp_path):
     folder = make_folder(tmp_path / "imgs")
-    counts = caption_folder(folder, CaptionConfig(template="a photo of a {label}"))
+    before = hashes(folder)
+    out = tmp_path / "captions" / "imgs.jsonl"
+    counts = caption_folder(folder, CaptionConfig(template="a photo of a {label}"), out=out)
     assert counts == {"captioned": 2, "kept": 2, "failed": 2, "too_long": 0}  # 3.png and broken.png have no label
-    rows = rows_of(folder)
+    assert hashes(folder) == before  # the user's folder is only read
+    rows = rows_of(out)
     assert rows["2.png"]["text"] == "a photo of a green thing"
     assert rows["roses/r.jpg"]["text"] == "a photo of a roses"
     assert rows["0.png"]["text"] == "a red square" and "text" not in rows["3.png"]
@@ -85,7 +96,7 @@ def test_template_captions_from_labels_and_folder_names(tmp_path):
 
 def test_template_without_label_slot_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"has no \{label\}"):
-        caption_folder(make_folder(tmp_path / "imgs"), CaptionConfig(template="a flower"))
+        caption_folder(make_folder(tmp_path / "imgs"), CaptionConfig(template="a flower"), out=tmp_path / "c.jsonl")
 
 
 def florence_cfg(model: Path, **kw) -> CaptionConfig:
@@ -94,24 +105,26 @@ def florence_cfg(model: Path, **kw) -> CaptionConfig:
 
 def test_florence2_captions_batched_resumable_and_warns_on_long_captions(tiny_florence, tmp_path, caplog):
     folder = make_folder(tmp_path / "imgs")
+    before, out = hashes(folder), tmp_path / "captions.jsonl"
     with caplog.at_level(logging.WARNING):
-        counts = caption_folder(folder, florence_cfg(tiny_florence), lambda t: len(t.split()), token_limit=5)
+        counts = caption_folder(folder, florence_cfg(tiny_florence), lambda t: len(t.split()), token_limit=5, out=out)
     # 3.png, 2.png, roses/r.jpg captioned; broken.png cannot be read; 10 new words each > 5 tokens
     assert counts == {"captioned": 3, "kept": 2, "failed": 1, "too_long": 3}
     assert "longer than the text encoder's 5 tokens" in caplog.text
-    rows = rows_of(folder)
+    assert hashes(folder) == before
+    rows = rows_of(out)
     new = {k: rows[k]["text"] for k in ("2.png", "3.png", "roses/r.jpg")}
     assert all(len(t.split()) >= 5 and set(t.split()) <= set(WORDS) for t in new.values()), new
     assert rows["0.png"]["text"] == "a red square"  # existing captions are never replaced
 
-    again = caption_folder(folder, florence_cfg(tiny_florence))
+    again = caption_folder(folder, florence_cfg(tiny_florence), out=out)  # resumed from the earlier output
     assert again["captioned"] == 0 and again["kept"] == 5
-    assert {k: rows_of(folder)[k]["text"] for k in new} == new
+    assert {k: rows_of(out)[k]["text"] for k in new} == new
 
     # One image at a time gives the same captions as batches of two: batching changes nothing.
     single = make_folder(tmp_path / "single")
-    caption_folder(single, florence_cfg(tiny_florence, batch_size=1))
-    assert {k: rows_of(single)[k]["text"] for k in new} == new
+    caption_folder(single, florence_cfg(tiny_florence, batch_size=1), out=tmp_path / "single.jsonl")
+    assert {k: rows_of(tmp_path / "single.jsonl")[k]["text"] for k in new} == new
 
 
 def test_florence2_falls_back_to_one_image_at_a_time_on_out_of_memory(tiny_florence, tmp_path, monkeypatch, caplog):
@@ -125,13 +138,13 @@ def test_florence2_falls_back_to_one_image_at_a_time_on_out_of_memory(tiny_flore
     monkeypatch.setattr(captions.ModelCaptioner, "_generate", small_memory)
     folder = make_folder(tmp_path / "imgs")
     with caplog.at_level(logging.WARNING):
-        counts = caption_folder(folder, florence_cfg(tiny_florence, batch_size=3))
+        counts = caption_folder(folder, florence_cfg(tiny_florence, batch_size=3), out=tmp_path / "c.jsonl")
     assert counts["captioned"] == 3 and "falling back to one image at a time" in caplog.text
 
 
 def test_missing_model_is_a_one_line_error_naming_the_fix(tmp_path):
     with pytest.raises(ModelError) as err:
-        caption_folder(make_folder(tmp_path / "imgs"), florence_cfg(tmp_path / "no-such-model"))
+        caption_folder(make_folder(tmp_path / "imgs"), florence_cfg(tmp_path / "no-such-model"), out=tmp_path / "c.jsonl")
     assert "set caption.model to a local folder" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -139,12 +152,14 @@ def test_importing_a_folder_captions_what_lacks_a_caption(tmp_path):
     folder = make_folder(tmp_path / "imgs")
     (folder / "broken.png").unlink()
     (folder / "3.png").unlink()
+    before = hashes(folder)
     counts = import_folder(DataConfig(source="folder", path=str(folder), image_size=16, val_size=1, train_size=100),
                            tmp_path / "data", CaptionConfig())
     assert counts["train"] + counts["val"] == 4
     texts = [json.loads(line)["text"] for s in ("train", "val")
              for line in (tmp_path / "data" / s / "metadata.jsonl").read_text().splitlines()]
     assert sorted(texts) == ["a blue square", "a photo of a green thing", "a photo of a roses", "a red square"]
+    assert hashes(folder) == before and (tmp_path / "captions").is_dir()
 
 
 def test_caption_command_reports_counts(tmp_path, capsys):
@@ -155,3 +170,4 @@ def test_caption_command_reports_counts(tmp_path, capsys):
     assert main(["--set", f"outputs={tmp_path / 'out'}", "caption", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "caption: 2 captioned (template), 2 already had one, 2 failed, 0 longer than 24 tokens" in out
+    assert str(tmp_path / "out" / "captions") in out and "is left as it was" in out

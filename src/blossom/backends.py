@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from blossom.config import TextConfig
-from blossom.errors import ModelError
+from blossom.errors import BlossomError, ModelError
 from blossom.images import to_uint8
 from blossom.models import load_text_encoder, load_vae, tokenize
 
@@ -24,6 +24,15 @@ from blossom.models import load_text_encoder, load_vae, tokenize
 def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
     needed = needed or ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
     return [n for n in needed if not (folder / n).exists()]
+
+
+def check_finished(folder: Path) -> None:
+    """Refuse a temp folder of a stage that never finished, which can otherwise hold enough files to load."""
+    from blossom.fsutil import unfinished
+
+    if unfinished(Path(folder).resolve()):
+        raise ModelError(f"{folder} is the temp folder of a build that never finished, not a model: run the stage "
+                         "again (it removes such folders) and pass the folder it writes")
 
 
 def _check_folder(folder: Path, needed: list[str] | None = None) -> None:
@@ -51,16 +60,23 @@ class TorchBackend:
         folder = Path(folder)
         _check_folder(folder)
         self.folder, self.dtype = folder, dtype
-        self.info = json.loads((folder / "blossom.json").read_text())
-        text = TextConfig(**self.info["text"])
-        tokenizer = None
-        if not Path(text.encoder).is_absolute() and (folder / text.encoder).is_dir() and (folder / "tokenizer").is_dir():
-            # an exported folder carries its own encoder and tokenizer
-            text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
-        self.text_encoder = load_text_encoder(text, tokenizer)
-        self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
-        self.vae = load_vae(folder / "vae", dtype)
-        self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        try:
+            self.info = json.loads((folder / "blossom.json").read_text())
+            text = TextConfig(**self.info["text"])
+            tokenizer = None
+            if not Path(text.encoder).is_absolute() and (folder / text.encoder).is_dir() and (folder / "tokenizer").is_dir():
+                # an exported folder carries its own encoder and tokenizer
+                text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
+            self.text_encoder = load_text_encoder(text, tokenizer)
+            self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+            self.vae = load_vae(folder / "vae", dtype)
+            self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        except BlossomError:
+            raise
+        except Exception as e:  # truncated weights, a damaged JSON: diffusers, safetensors and json fail each their own way
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ModelError(f"cannot load the model at {folder} ({type(e).__name__}: {first}): its files are damaged; "
+                             "train or export it again") from None
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
 
@@ -218,6 +234,7 @@ def load_backend(name: str, folder: str | Path, precision: str = "fp32"):
         fix = {"bf16": "--backend torch", "int8": "--backend onnx"}.get(precision, "--precision fp32")
         runs = " or ".join(p for p in PRECISIONS[name] if p != "auto")
         raise ModelError(f"the {name} backend runs {runs}, not {precision!r}: use {fix}")
+    check_finished(Path(folder))
     chosen, why = resolve_precision(name, folder, precision)
     if name == "torch":
         backend = TorchBackend(folder, torch.bfloat16 if chosen == "bf16" else torch.float32)

@@ -123,16 +123,19 @@ def cmd_train(cfg: Config, paths: Paths, args) -> dict:
 def cmd_caption(cfg: Config, paths: Paths, args) -> dict:
     from transformers import AutoTokenizer
 
-    from blossom.data.captions import caption_folder
+    from blossom.data.captions import caption_folder, captions_file
     from blossom.models import text_encoder_path
 
     folder = args.folder or cfg.data.path
     if not folder:
         raise BlossomError("no folder to caption: pass one, e.g. blossom caption my_images/, or set data.path")
+    out = captions_file(paths.root / "captions", Path(folder))
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(cfg.text.encoder))
-    counts = caption_folder(Path(folder), cfg.caption, lambda t: len(tokenizer(t)["input_ids"]), cfg.text.max_tokens)
+    counts = caption_folder(Path(folder), cfg.caption, lambda t: len(tokenizer(t)["input_ids"]), cfg.text.max_tokens,
+                            out=out)
     print(f"caption: {counts['captioned']} captioned ({cfg.caption.backend}), {counts['kept']} already had one, "
-          f"{counts['failed']} failed, {counts['too_long']} longer than {cfg.text.max_tokens} tokens -> {folder}/metadata.jsonl")
+          f"{counts['failed']} failed, {counts['too_long']} longer than {cfg.text.max_tokens} tokens -> {out} "
+          f"({folder} is left as it was; `blossom data --path {folder}` uses these captions)")
     return counts
 
 
@@ -229,44 +232,96 @@ def cmd_publish(cfg: Config, paths: Paths, args) -> dict:
 
 
 def cmd_app(cfg: Config, paths: Paths, args) -> None:
-    """Serve the Streamlit page on this machine (127.0.0.1) until interrupted."""
+    """Serve the Streamlit page on this machine (127.0.0.1) until interrupted; SIGTERM and SIGINT
+    reach the server too, so stopping blossom never leaves it serving."""
     import os
+    import signal
     import subprocess
 
+    if not 1 <= args.port <= 65535:
+        raise BlossomError(f"--port must be from 1 to 65535, got {args.port}")
     env = {**os.environ, "BLOSSOM_OUTPUTS": str(paths.root)}
     if args.model:
         env["BLOSSOM_MODEL"] = args.model
     cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("app_entry.py")),
            "--server.address", args.address, "--server.port", str(args.port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
-    print(f"app: http://{args.address}:{args.port}")
-    raise SystemExit(subprocess.call(cmd, env=env))
+    print(f"app: http://{args.address}:{args.port}", flush=True)
+    server = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        server.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = server.wait()
+    raise SystemExit(0 if code in (-signal.SIGTERM, -signal.SIGINT) else code)
+
+
+MAX_IMAGES_PER_CALL, GENERATE_BATCH, MAX_PROMPT_CHARS = 10_000, 8, 2000
+
+
+def writable_folder(out: Path, flag: str) -> None:
+    """A one-line error now, not after the work, when `out` cannot become a folder we write into."""
+    import os
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise BlossomError(f"{flag} {out} is a file: pass a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BlossomError(f"{flag} {out} is under {probe}, which is a file: pass a folder")
+    try:  # an unnamed file, gone when closed: root passes os.access() even on read-only mounts
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError:
+        raise BlossomError(f"{flag} {out} is not writable ({probe} is read-only here): pass another folder") from None
 
 
 def cmd_generate(cfg: Config, paths: Paths, args) -> None:
+    import re
+
     from PIL import Image
+    from tqdm import tqdm
 
     from blossom.backends import load_backend
     from blossom.fsutil import atomic_path
-    from blossom.sampling import sample
+    from blossom.sampling import check_request, sample
 
     if not args.prompt.strip():
         raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
-    if args.n <= 0:
-        raise BlossomError(f"--n must be at least 1, got {args.n}")
+    if len(args.prompt) > MAX_PROMPT_CHARS:
+        raise BlossomError(f"the prompt is {len(args.prompt)} characters, above the limit of {MAX_PROMPT_CHARS} "
+                           "(the text encoder reads only its first tokens anyway): shorten it")
+    if not 1 <= args.n <= MAX_IMAGES_PER_CALL:
+        raise BlossomError(f"--n must be from 1 to {MAX_IMAGES_PER_CALL} images per call, got {args.n}")
+    sampler = args.sampler or cfg.sample.sampler
+    steps = cfg.sample.steps if args.steps is None else args.steps
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    seed = cfg.sample.seed if args.seed is None else args.seed
+    check_request(sampler, steps, guidance, seed, args.n)
+    out = Path(args.out)
+    writable_folder(out, "--out")
     backend = load_backend(args.backend, args.model or paths.served_model(), args.precision)
     if args.precision == "auto":
         print(f"generate: precision auto -> {backend.precision} ({backend.precision_why})")
-    images = sample(backend, [args.prompt] * args.n, args.sampler or cfg.sample.sampler,
-                    cfg.sample.steps if args.steps is None else args.steps,
-                    cfg.sample.guidance if args.guidance is None else args.guidance,
-                    cfg.sample.seed if args.seed is None else args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        with atomic_path(out / f"{i:03d}.png") as tmp:
-            Image.fromarray(img).save(tmp, format="png")
-    print(f"generate: {len(images)} image(s) -> {out}")
+    # Never overwrite earlier images: number on from the highest NNN.png already there.
+    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.fullmatch(r"(\d+)\.png", p.name))]
+    first = max(taken, default=-1) + 1
+    # Batches bound memory whatever --n is, and each image is on disk as soon as its batch is done;
+    # image i still comes from seed + i, as in one call.
+    with tqdm(total=args.n, desc="generate", unit="img", disable=args.n <= GENERATE_BATCH) as bar:
+        for start in range(0, args.n, GENERATE_BATCH):
+            count = min(GENERATE_BATCH, args.n - start)
+            for i, img in enumerate(sample(backend, [args.prompt] * count, sampler, steps, guidance, seed + start)):
+                with atomic_path(out / f"{first + start + i:03d}.png") as tmp:
+                    Image.fromarray(img).save(tmp, format="png")
+            bar.update(count)
+    print(f"generate: {args.n} image(s) -> {out} ({first:03d}.png to {first + args.n - 1:03d}.png)")
 
 
 def cmd_run(cfg: Config, paths: Paths, args) -> None:
@@ -310,8 +365,19 @@ def cmd_sagemaker(cfg: Config, paths: Paths, args) -> dict:
     return job
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (the problem and where help is), exit status 2, like every blossom error;
+    no abbreviated options (a typo like --resum must not silently mean --resume)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str):
+        self.exit(2, f"blossom: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blossom", description="Text-to-image latent diffusion, from data to a served model.")
+    p = OneLineParser(prog="blossom", description="Text-to-image latent diffusion, from data to a served model.")
     p.add_argument("--params", help="params file (default: ./params.yaml, else built-in defaults)")
     p.add_argument("--preset", help="a preset from params.yaml (default: its 'preset' key, tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=200")
@@ -324,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or the Oxford 102 folder with --source oxford102")
     s.set_defaults(fn=cmd_data)
     s = sub.add_parser("caption", help="caption the images in a folder that have no caption (resumable)")
-    s.add_argument("folder", nargs="?", help="an image folder (default: data.path); captions go to its metadata.jsonl")
+    s.add_argument("folder", nargs="?", help="an image folder (default: data.path), only read; its metadata with the "
+                                            "new captions goes to outputs/captions/")
     s.set_defaults(fn=cmd_caption)
     sub.add_parser("push-data", help="push the data set to the DVC remote (remote.url)").set_defaults(fn=cmd_push_data)
     sub.add_parser("pull-data", help="fetch the data set from the DVC remote into outputs/data").set_defaults(
@@ -389,6 +456,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blossom: interrupted; `blossom train --resume latest` continues training from the last checkpoint", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input: a full disk, a vanished mount, a permission
+        if args.verbose:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"blossom: error: {e.strerror or e}{where}: free space or fix the path, then run the stage again "
+              "(earlier results are kept)", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("blossom: error: out of memory: lower the batch size or image size (see params.yaml)", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line by default, the traceback with -v
+        if args.verbose:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"blossom: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback, and report it)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

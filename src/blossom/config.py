@@ -8,6 +8,7 @@ one-line error naming the key. This is the only module that reads environment va
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -266,7 +267,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set train.steps=200")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}): "
+                          "write lists like [1,2,3] and quote strings with special characters") from None
 
 
 def load_config(
@@ -305,10 +310,37 @@ def load_config(
     return cfg
 
 
+# Upper limits, each a size or count whose excess would exhaust memory or run for days before
+# failing; presets and their GPU setups stay well inside them.
+LIMITS = {
+    "data.image_size": 2048, "data.train_size": 100_000_000, "data.val_size": 1_000_000, "vae.batch_size": 4096,
+    "train.batch_size": 65_536, "sample.steps": 1000, "text.max_tokens": 1024, "caption.batch_size": 4096,
+    "caption.max_new_tokens": 1024, "evaluate.images_per_prompt": 1000, "data.max_pixels": 2**31,
+}
+
+
+def _walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+
+    for key, value in _walk(cfg):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+        if key in LIMITS and isinstance(value, int) and value > LIMITS[key]:
+            raise ConfigError(f"config key '{key}' is {value}, above its limit of {LIMITS[key]}: lower it")
+        if key.endswith(".seed") and isinstance(value, int) and not 0 <= value < 2**32:
+            raise ConfigError(f"config key '{key}' must be from 0 to {2**32 - 1}, got {value}")
 
     for key in ("data.image_size", "data.train_size", "data.val_size", "vae.steps", "vae.batch_size",
                 "train.steps", "train.batch_size", "train.lr", "sample.steps", "text.max_tokens",
@@ -323,6 +355,13 @@ def validate(cfg: Config) -> None:
                                 ("data.small_images", cfg.data.small_images, ("upscale", "skip"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    # The Hub's repo id rules (namespace/name of letters, digits, '-', '_', '.'), which also keep the
+    # local copy's folder name (outputs/hub/namespace--name) inside outputs/hub.
+    repo = cfg.publish.repo_id
+    if repo is not None and (not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo)
+                             or ".." in repo or repo.endswith(".")):
+        raise ConfigError(f"publish.repo_id {repo!r} is not a Hub repo id: write it as namespace/name, e.g. "
+                          "you/blossom-flowers (letters, digits, '-', '_', '.')")
     if cfg.caption.backend not in ("template", "florence2"):
         raise ConfigError(f"caption.backend must be 'template' or 'florence2', got {cfg.caption.backend!r}")
     for key, value in (("remote.url", cfg.remote.url), ("remote.endpoint", cfg.remote.endpoint),

@@ -95,7 +95,13 @@ def push_data(cfg: RemoteConfig, root: Path) -> int:
     _probe(repo, cfg, pulling=False)
     try:
         with repo:
-            return repo.push(targets=[DATA_STAGE])
+            sent = repo.push(targets=[DATA_STAGE])
+            if sent == 0 and _out_of_date(repo):
+                # DVC pushes what dvc.lock records; data written outside `dvc repro` is not that.
+                raise StorageError("outputs/data is not the data set DVC recorded (written by `blossom data` "
+                                   "outside DVC, or changed since): run `dvc repro data` (or `dvc commit data`), "
+                                   "then push again")
+            return sent
     except DvcException as e:
         if "does not exist" in str(e) and "stage" in str(e).lower() or "is not tracked" in str(e):
             raise StorageError("the data set is not tracked yet: run `dvc repro data` first") from None
@@ -103,6 +109,23 @@ def push_data(cfg: RemoteConfig, root: Path) -> int:
     except Exception as e:  # the S3 client's own errors (boto, aiohttp, OSError) come through DVC unwrapped
         log.debug("push failed", exc_info=True)
         raise _explain(e, cfg) from None
+
+
+def _out_of_date(repo) -> bool:
+    """Whether the data stage's recorded output differs from outputs/data (or was never recorded)."""
+    status = repo.status(targets=[DATA_STAGE])
+    return not _locked(repo) or any(isinstance(entry, dict) and "changed outs" in entry
+                                    for entry in status.get(DATA_STAGE) or [])
+
+
+def _locked(repo) -> bool:
+    import yaml
+
+    lock = Path(repo.root_dir) / "dvc.lock"
+    try:
+        return DATA_STAGE in (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 def pull_data(cfg: RemoteConfig, root: Path) -> int:

@@ -152,9 +152,10 @@ def export(model_dir: Path, out_dir: Path, calibration: list[str] | None = None,
     """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers.
     With calibration captions, also the int8 UNet and VAE decoder, calibrated by sampling them
     (sampler, steps, guidance)."""
-    from blossom.backends import OnnxBackend, TorchBackend
+    from blossom.backends import OnnxBackend, TorchBackend, check_finished
     from blossom.quantize import write_int8
 
+    check_finished(model_dir)
     torch_backend = TorchBackend(model_dir)
     with atomic_dir(out_dir) as tmp:
         write_pipeline(torch_backend, tmp)

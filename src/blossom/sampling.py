@@ -26,6 +26,23 @@ from diffusers import (
 from blossom.errors import BlossomError
 
 SAMPLERS = ("ddim", "dpm++2m", "unipc", "euler", "ddpm")
+# Limits on one request. Steps: the schedule has 1,000 training timesteps, and no sampler can take
+# more steps than that. Guidance above ~20 only saturates colours. Seeds: seed + i must fit the
+# 64-bit generator state, and 2**32 keeps them NumPy-compatible too.
+MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 1000, 50.0, 2**32 - 1
+
+
+def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int = 1) -> None:
+    """A one-line error for a request no sampler can serve, before any model is loaded."""
+    if sampler not in SAMPLERS:
+        raise BlossomError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if not 0 < steps <= MAX_STEPS:
+        raise BlossomError(f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: "
+                           "try --steps 15")
+    if not (isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE):  # NaN fails every comparison
+        raise BlossomError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}: try --guidance 5")
+    if not 0 <= seed <= MAX_SEED - max(n - 1, 0):
+        raise BlossomError(f"seed must be from 0 to {MAX_SEED - max(n - 1, 0)} (image i uses seed + i), got {seed}")
 
 
 class Backend(Protocol):
@@ -87,10 +104,9 @@ def denoise(
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """The final latents for the prompts."""
-    if steps <= 0:
-        raise BlossomError(f"steps must be a positive number, got {steps}: try --steps 30")
     if not prompts:
         raise BlossomError("no prompts given: pass at least one prompt")
+    check_request(sampler, steps, guidance, seed, len(prompts))
     sched = make_scheduler(sampler, backend.scheduler_config)
     sched.set_timesteps(steps)
     n = len(prompts)

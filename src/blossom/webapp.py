@@ -86,10 +86,16 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def model_label(folder: Path) -> str:
+    """What visitors see of the model's location: the Hub repo id, or the folder's name, never the
+    server's paths."""
+    return app_settings().hub_repo or folder.name
+
+
 def sidebar(folder: Path) -> None:
     card = model_card(folder)
     st.sidebar.header("Model")
-    st.sidebar.caption(str(folder))
+    st.sidebar.caption(model_label(folder))
     champion, train, metrics = card["champion"], card["train"], card["metrics"]
     if champion:
         st.sidebar.write(f"MLflow version **{champion.get('version')}**, run `{str(champion.get('run_id', ''))[:12]}`")
@@ -151,7 +157,7 @@ def main() -> None:
         sidebar(folder)
     except Exception as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        st.error(f"The model at {folder} cannot be loaded: {first}")
+        st.error(f"The model {model_label(folder)} cannot be loaded: {first}")
         return
 
     if st.button("Generate", type="primary"):

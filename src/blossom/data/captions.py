@@ -1,14 +1,20 @@
-"""Captions for images that have none, written into the folder's metadata.jsonl.
+"""Captions for images that have none, written to a metadata file of blossom's own.
+
+The user's folder is only read: its metadata.jsonl rows are copied as they are into the output
+file (outputs/captions/<folder>-<hash>.jsonl), with text added where a row had none and a row
+added for each image the metadata does not name; `blossom data --path` reads that file.
 
 Two backends: `template` fills a sentence from each image's label (a `label` field in the
 metadata, or the sub-folder the image sits in), offline and instant; `florence2` runs a
 transformers image-to-text model (Florence-2 by default) from a local folder or a hub id.
-Captioning is resumable: rows that already have text are never captioned again, and the
-metadata is rewritten atomically every few seconds, so a killed run loses at most those seconds.
+Captioning is resumable: rows that already have text are never captioned again, captions found
+in an earlier output file are reused, and the output is rewritten atomically every few seconds,
+so a killed run loses at most those seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,8 +25,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from blossom.config import CaptionConfig
+from blossom.data.ingest import decode_line
 from blossom.errors import DataError, ModelError
-from blossom.fsutil import write_text
+from blossom.fsutil import inside, write_text
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +35,29 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 SAVE_EVERY_S = 10.0
 
 
-def scan(folder: Path) -> list[dict]:
-    """metadata.jsonl rows (unreadable lines dropped), then a row for every image file it does not name."""
+def captions_file(captions_dir: Path, folder: Path) -> Path:
+    """Where blossom keeps the captioned metadata of a user's folder: one file per folder path."""
+    resolved = Path(folder).resolve()
+    return captions_dir / f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}.jsonl"
+
+
+def scan(folder: Path, meta: Path | None = None) -> list[dict]:
+    """metadata rows (unreadable lines dropped; a file name leaving the folder refused), then a row for
+    every image file they do not name."""
     rows: list[dict] = []
-    meta = folder / "metadata.jsonl"
+    meta = meta or folder / "metadata.jsonl"
     if meta.exists():
-        for line in meta.read_bytes().splitlines():
+        for number, line in enumerate(meta.read_bytes().splitlines(), start=1):
             try:
-                row = json.loads(line.decode("utf-8", errors="replace"))
+                row = json.loads(decode_line(line))
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and "file_name" in row:
+                inside(folder, row["file_name"], f"{meta} line {number}")
                 rows.append(row)
     named = {str(r["file_name"]) for r in rows}
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and p.resolve().is_relative_to(folder.resolve())):
         rel = path.relative_to(folder).as_posix()
         if rel not in named:
             rows.append({"file_name": rel})
@@ -124,20 +140,29 @@ def make_captioner(cfg: CaptionConfig):
     return TemplateCaptioner(cfg.template) if cfg.backend == "template" else ModelCaptioner(cfg)
 
 
-def _save(folder: Path, rows: list[dict]) -> None:
-    write_text(folder / "metadata.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def _save(out: Path, rows: list[dict]) -> None:
+    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def caption_folder(folder: Path, cfg: CaptionConfig, count_tokens: Callable[[str], int] | None = None,
-                   token_limit: int | None = None) -> dict[str, int]:
-    """Caption every image in folder that has no text; returns counts (captioned, kept, failed, too_long)."""
+                   token_limit: int | None = None, *, out: Path) -> dict[str, int]:
+    """Caption every image in folder that has no text, into `out` (the folder's metadata with the
+    captions added); returns counts (captioned, kept, failed, too_long). Nothing in folder is written."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: pass the image folder to caption")
+    if out.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"captions would be written into the image folder {folder}: blossom never writes there; "
+                        "set `outputs` to a folder outside it")
     rows = scan(folder)
+    earlier = {str(r["file_name"]): r["text"] for r in scan(folder, out) if not needs_caption(r)} if out.exists() else {}
+    for row in rows:
+        if needs_caption(row) and str(row["file_name"]) in earlier:
+            row["text"] = earlier[str(row["file_name"])]  # resumed from an earlier, interrupted run
     todo = [r for r in rows if needs_caption(r)]
     counts = {"captioned": 0, "kept": len(rows) - len(todo), "failed": 0, "too_long": 0}
     if not todo:
+        _save(out, rows)
         return counts
     captioner = make_captioner(cfg)
     last_save = time.monotonic()
@@ -155,9 +180,9 @@ def caption_folder(folder: Path, cfg: CaptionConfig, count_tokens: Callable[[str
                     counts["too_long"] += 1
             bar.update(len(chunk))
             if time.monotonic() - last_save > SAVE_EVERY_S:
-                _save(folder, rows)
+                _save(out, rows)
                 last_save = time.monotonic()
-    _save(folder, rows)
+    _save(out, rows)
     if counts["too_long"]:
         log.warning("%d caption(s) are longer than the text encoder's %d tokens and will be truncated in training",
                     counts["too_long"], token_limit)

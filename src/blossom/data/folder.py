@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from tqdm import tqdm
 
 from blossom.config import CaptionConfig, DataConfig
 from blossom.data import synthetic
-from blossom.data.ingest import Policy, Tally, prepare, prepare_all
+from blossom.data.ingest import Policy, Tally, decode_line, prepare, prepare_all
 from blossom.errors import DataError
-from blossom.fsutil import atomic_dir
+from blossom.fsutil import atomic_dir, inside
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +52,18 @@ def write_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def decode_line(line: bytes, tally: Tally | None = None) -> str:
-    """A metadata line as text: UTF-8, else Windows-1252 (what non-UTF-8 captions usually are), else Latin-1."""
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError:
-        if tally is not None:
-            tally.rows["non-UTF-8 lines re-decoded"] += 1
-        try:
-            return line.decode("cp1252")
-        except UnicodeDecodeError:
-            return line.decode("latin-1")
-
-
-def read_metadata(folder: Path, tally: Tally | None = None) -> list[Record]:
-    """Rows with a file and a caption; rows without text, unreadable lines and repeated file names are
-    skipped and counted (into `tally` when given, else in one warning)."""
-    meta = folder / "metadata.jsonl"
+def read_metadata(folder: Path, tally: Tally | None = None, meta: Path | None = None) -> list[Record]:
+    """Rows with a file and a caption from `meta` (default folder/metadata.jsonl), images resolved in
+    `folder`; rows without text, unreadable lines and repeated file names are skipped and counted
+    (into `tally` when given, else in one warning); a file name that leaves the folder is refused."""
+    meta = meta or folder / "metadata.jsonl"
     if not meta.exists():
         raise DataError(f"{meta} not found: an image folder needs a metadata.jsonl with file_name and text per line")
     own = tally is None
     tally = tally or Tally()
     records, seen = [], set()
     with open(meta, "rb") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
@@ -88,11 +75,12 @@ def read_metadata(folder: Path, tally: Tally | None = None) -> list[Record]:
             if not isinstance(text, str) or not text.strip() or "file_name" not in row:
                 tally.rows["rows without file_name/text"] += 1
                 continue
+            path = inside(folder, row["file_name"], f"{meta} line {number}")
             if row["file_name"] in seen:
                 tally.rows["repeated file names (first kept)"] += 1
                 continue
             seen.add(row["file_name"])
-            records.append(Record(folder / row["file_name"], text.strip(), row))
+            records.append(Record(path, text.strip(), row))
     if own and sum(tally.rows.values()):
         log.warning("%s: skipped %s: caption rows with `blossom caption`, fix or remove the rest", meta,
                     ", ".join(f"{n} {k}" for k, n in tally.rows.items()))
@@ -127,8 +115,10 @@ def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Reco
     return np.stack(arrays), kept
 
 
-def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally) -> dict[str, int]:
-    """(source image, split, metadata row) -> out_dir/<split>/NNNNNN.png + metadata.jsonl, all or nothing."""
+def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally,
+                      source: Path) -> dict[str, int]:
+    """(source image, split, metadata row) -> out_dir/<split>/NNNNNN.png + metadata.jsonl, all or nothing:
+    a set with no usable training image is an error that leaves the previous out_dir as it was."""
     counts = dict.fromkeys([*SPLITS, *sorted({split for _, split, _ in items})], 0)  # train and val always exist
     workers = cfg.workers or len(os.sched_getaffinity(0))
     with atomic_dir(out_dir) as tmp:
@@ -150,21 +140,28 @@ def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: D
         finally:
             for f in files.values():
                 f.close()
+        if counts["train"] == 0:
+            raise DataError(f"no usable training images in {source} ({tally.line()}): add images or lower "
+                            "data.val_size; the previous data set is kept")
     return counts
 
 
-def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
+def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None,
+                  captions_dir: Path | None = None) -> dict[str, int]:
     """Bring a user imagefolder into blossom's layout, resized, with a stable hash-based val split.
-    Images without a caption are captioned first (into the folder's metadata.jsonl) when `caption` is given."""
-    from blossom.data.captions import caption_folder, needs_caption, scan
+    The user's folder is only read. Images without a caption are captioned first when `caption` is
+    given, into a metadata file of blossom's own under captions_dir (default: beside out_dir)."""
+    from blossom.data.captions import caption_folder, captions_file, needs_caption, scan
 
     src = Path(cfg.path or "")
     if not src.is_dir():
         raise DataError(f"data.path {src} is not a folder: point it at an image folder with metadata.jsonl")
+    meta = None
     if caption is not None and any(needs_caption(r) for r in scan(src)):
-        caption_folder(src, caption)
+        meta = captions_file(captions_dir or out_dir.parent / "captions", src)
+        caption_folder(src, caption, out=meta)
     tally = Tally()
-    records = read_metadata(src, tally)
+    records = read_metadata(src, tally, meta)
     if not records:
         raise DataError(f"{src}/metadata.jsonl has no captioned images: add rows with file_name and text")
     val_share = cfg.val_size / max(1, cfg.val_size + cfg.train_size)
@@ -173,11 +170,8 @@ def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None 
         h = int(hashlib.sha1(str(r.meta["file_name"]).encode()).hexdigest()[:8], 16) / 2**32
         row = {k: v for k, v in r.meta.items() if k not in ("file_name", "text")}
         items.append((r.path, "val" if h < val_share else "train", {"text": r.text, "source": str(r.meta["file_name"]), **row}))
-    counts = write_imagefolder(items, out_dir, cfg, tally)
+    counts = write_imagefolder(items, out_dir, cfg, tally, src)
     log.info("data: %s", tally.line())
-    if counts["train"] == 0:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise DataError(f"no usable training images in {src} ({tally.line()}): add images or lower data.val_size")
     return counts
 
 

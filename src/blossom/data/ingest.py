@@ -158,3 +158,16 @@ class Tally:
         if fixed:
             parts.append("converted " + ", ".join(fixed))
         return "; ".join(parts)
+
+
+def decode_line(line: bytes, tally: Tally | None = None) -> str:
+    """A metadata line as text: UTF-8, else Windows-1252 (what non-UTF-8 captions usually are), else Latin-1."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        if tally is not None:
+            tally.rows["non-UTF-8 lines re-decoded"] += 1
+        try:
+            return line.decode("cp1252")
+        except UnicodeDecodeError:
+            return line.decode("latin-1")

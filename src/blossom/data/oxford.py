@@ -25,12 +25,13 @@ SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 
 def read_mat(path: Path, key: str):
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     if not path.exists():
         raise DataError(f"{path} not found: data.path must be the Oxford 102 folder with jpg/, imagelabels.mat and setid.mat")
     try:
         return loadmat(path)[key].ravel().astype(int)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, OSError, MatReadError, IndexError) as e:
         raise DataError(f"{path} is not the Oxford 102 {path.name} ({type(e).__name__}: no '{key}'): download it again") from None
 
 
@@ -55,8 +56,9 @@ def class_names(folder: Path, n: int) -> list[str]:
     return [name.strip() for name in names]
 
 
-def import_oxford102(cfg: DataConfig, out_dir: Path, caption: CaptionConfig) -> dict[str, int]:
-    from blossom.data.captions import caption_folder
+def import_oxford102(cfg: DataConfig, out_dir: Path, caption: CaptionConfig, captions_dir: Path | None = None) -> dict[str, int]:
+    """The download is only read; a model's captions go to a file under captions_dir (default: beside out_dir)."""
+    from blossom.data.captions import caption_folder, captions_file, scan
 
     root = Path(cfg.path or "")
     if not (root / "jpg").is_dir():
@@ -72,21 +74,17 @@ def import_oxford102(cfg: DataConfig, out_dir: Path, caption: CaptionConfig) -> 
         for row in rows.values():
             row["text"] = caption.template.format(label=row["label"])
     else:
-        # A model's captions go into jpg/metadata.jsonl first: that run is long, and resumable there.
-        meta = root / "jpg" / "metadata.jsonl"
-        if not meta.exists():
-            meta.write_text("".join(json.dumps({"file_name": f"image_{i:05d}.jpg", "label": r["label"]}) + "\n"
-                                    for i, r in rows.items()), encoding="utf-8")
-        caption_folder(root / "jpg", caption)
-        for line in meta.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            i = int(row["file_name"][6:11])
-            if i in rows and row.get("text"):
-                rows[i]["text"] = row["text"]
+        # A model's captions go to blossom's own file first: that run is long, and resumable there.
+        meta = captions_file(captions_dir or out_dir.parent / "captions", root / "jpg")
+        caption_folder(root / "jpg", caption, out=meta)
+        for row in scan(root / "jpg", meta):
+            name = str(row["file_name"])
+            if name.startswith("image_") and name[6:11].isdigit() and row.get("text") and int(name[6:11]) in rows:
+                rows[int(name[6:11])]["text"] = row["text"]
     tally = Tally()
     items = [(root / "jpg" / f"image_{i:05d}.jpg", split, rows[i]) for split, split_ids in ids.items() for i in split_ids
              if "text" in rows.get(i, {})]
     tally.rows["images without a caption"] = sum(len(v) for v in ids.values()) - len(items)
-    counts = write_imagefolder(items, out_dir, cfg, tally)
+    counts = write_imagefolder(items, out_dir, cfg, tally, root)
     log.info("data: %s", tally.line())
     return counts

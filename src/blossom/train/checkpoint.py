@@ -2,12 +2,17 @@
 
 A checkpoint is a folder `step-NNNNNN/`; the file `latest` names the newest complete one and is
 flipped only after that folder is in place, so a kill at any moment leaves a usable `latest`.
+`manifest.json`, written last, holds every file's size and SHA-256: a checkpoint damaged later
+(a truncated copy, a full disk, bit rot on a spot machine's volume) is found before it is
+trusted, and resuming from `latest` falls back to the newest intact one.
 Optimizer and RNG states go through `pack`: tensors to safetensors, the rest to JSON, no pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -20,6 +25,39 @@ from safetensors.torch import load_file, save_file
 
 from blossom.errors import BlossomError
 from blossom.fsutil import write_json, write_text
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_json(folder / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files})
+
+
+def damage(folder: Path) -> str | None:
+    """Why the checkpoint cannot be trusted, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    for name, want in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        if _digest(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -110,6 +148,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, ge
             save_state(tmp, "optimizer", engine.optimizer_state())
         write_json(tmp / "state.json", {"step": step, "ema": ema_state, "lr_scheduler": lr_scheduler.state_dict(),
                                         "world_size": rt.world, "sharded_optimizer": engine.sharded, **extra})
+        write_manifest(tmp)
         final = ckpt_dir / name
         if final.exists():
             shutil.rmtree(final)
@@ -125,16 +164,29 @@ def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, ge
 
 
 def resolve(ckpt_dir: Path, which: str) -> Path:
-    if which == "latest":
-        pointer = ckpt_dir / "latest"
-        if not pointer.exists():
-            raise BlossomError(f"no checkpoint in {ckpt_dir} to resume from: run `blossom train` without --resume")
-        path = ckpt_dir / pointer.read_text().strip()
-    else:
+    """The checkpoint to resume: `latest`, or the newest intact one before it if it is damaged
+    (said in a warning); a named folder only if it is intact."""
+    if which != "latest":
         path = Path(which)
-    if not (path / "state.json").exists():
-        raise BlossomError(f"{path} is not a complete checkpoint: pass --resume latest or a step-NNNNNN folder")
-    return path
+        if not (path / "state.json").exists():
+            raise BlossomError(f"{path} is not a complete checkpoint: pass --resume latest or a step-NNNNNN folder")
+        if (why := damage(path)) is not None:
+            raise BlossomError(f"checkpoint {path} is damaged ({why}): pass --resume latest or another step folder")
+        return path
+    pointer = ckpt_dir / "latest"
+    if not pointer.exists():
+        raise BlossomError(f"no checkpoint in {ckpt_dir} to resume from: run `blossom train` without --resume")
+    named = ckpt_dir / pointer.read_text().strip()
+    candidates = [named, *sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != named), reverse=True)]
+    problems = []
+    for path in candidates:
+        why = damage(path)
+        if why is None:
+            if problems:
+                log.warning("checkpoint %s; resuming from %s, the newest intact one", "; ".join(problems), path.name)
+            return path
+        problems.append(f"{path.name} is damaged ({why})")
+    raise BlossomError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}): start a fresh run without --resume")
 
 
 def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, *generators: torch.Generator) -> dict:

@@ -108,9 +108,9 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     if resume == "auto" or (resume is None and launch.restart_count > 0):
         # `auto` (and a worker group restarted by torchrun) continues a run if there is one to continue.
         resume = "latest" if (ckpt_dir / "latest").exists() else None
+    path = ckpt.resolve(ckpt_dir, resume) if resume else None  # before anything is written: a failed resume changes nothing
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         if not resume and (ckpt_dir / "latest").exists():
             # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
             log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
@@ -134,13 +134,13 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     flip_gen = torch.Generator().manual_seed(c.seed + 1)  # its own stream: flips on or off leave the other draws alone
 
     start, val_history, stats = 0, [], []
-    if resume:
-        path = ckpt.resolve(ckpt_dir, resume)
+    if path:
         state = ckpt.load_checkpoint(path, rt, engine, ema, lr_scheduler, gen, flip_gen)
         start, val_history = state["step"], [tuple(v) for v in state["val_history"]]
         if rt.main:
             log.info("resumed from %s at step %d", path.name, start)
     if rt.main:
+        save_config(cfg, out_dir / "config.yaml")
         if stats_path.exists() and start > 0:
             stats = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
             stats = [s for s in stats if s["step"] <= start]  # drop what the killed run logged past its checkpoint
