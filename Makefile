@@ -25,7 +25,11 @@ test-tools:
 	@test -x /usr/bin/chromium -a -x /usr/bin/qemu-x86_64 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium qemu-user >/dev/null; }
 
+LINTED := src tests benchmarks app space
+
 test: install test-tools
+	$(BIN)/ruff format --check -q $(LINTED)
+	$(BIN)/ruff check -q $(LINTED)
 	$(BIN)/pytest -q
 
 test-fast: install

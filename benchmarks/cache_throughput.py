@@ -15,12 +15,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import machine_line
 
 from blossom.config import load_config
 from blossom.data import synthetic
-from blossom.models import build_unet, build_vae, load_text_encoder, noise_scheduler, set_threads
 from blossom.images import to_tensor
-from machine import machine_line
+from blossom.models import build_unet, build_vae, load_text_encoder, noise_scheduler, set_threads
 
 
 def main() -> None:
@@ -72,8 +72,10 @@ def main() -> None:
         results[name] = args.steps * args.batch / (time.perf_counter() - start)
     for name, ips in results.items():
         print(f"{name:>18}: {ips:7.1f} images/s")
-    print(f"cache speed-up: {results['cached'] / results['encode every step']:.2f}x "
-          f"(batch {args.batch}, {cfg.data.image_size} px, {torch.get_num_threads()} threads)")
+    print(
+        f"cache speed-up: {results['cached'] / results['encode every step']:.2f}x "
+        f"(batch {args.batch}, {cfg.data.image_size} px, {torch.get_num_threads()} threads)"
+    )
 
 
 if __name__ == "__main__":

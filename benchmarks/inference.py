@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import machine_line, measured_peak
+from timing import median_seconds
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.sampling import sample
-from machine import machine_line, measured_peak
-from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
 
@@ -83,14 +83,23 @@ def main() -> None:
         if (folder / "onnx" / "unet.int8.onnx").exists():
             backends["onnx runtime int8"] = OnnxBackend(folder, precision="int8")
         limit = flops_per_image(backends["pytorch eager"], args.steps) / (peak * 1e9)
-        times = median_seconds({name: (lambda seed, b=b: sample(b, [PROMPT], "ddim", args.steps, 5.0, seed))
-                                for name, b in backends.items()}, rounds=args.rounds)
+        times = median_seconds(
+            {
+                name: (lambda seed, b=b: sample(b, [PROMPT], "ddim", args.steps, 5.0, seed))
+                for name, b in backends.items()
+            },
+            rounds=args.rounds,
+        )
     print(machine_line(probe))
-    print(f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
-          f"compute limit {limit * 1e3:.0f} ms at {peak:.0f} GFLOP/s")
+    print(
+        f"DDIM {args.steps} steps, guidance 5, one image, {torch.get_num_threads()} threads; "
+        f"compute limit {limit * 1e3:.0f} ms at {peak:.0f} GFLOP/s"
+    )
     for name, s in times.items():
-        print(f"{name:>17}: {s * 1e3:7.1f} ms/image  ({s / limit:.2f}x the compute limit; "
-              f"{times['pytorch eager'] / s:.2f}x faster than PyTorch eager)")
+        print(
+            f"{name:>17}: {s * 1e3:7.1f} ms/image  ({s / limit:.2f}x the compute limit; "
+            f"{times['pytorch eager'] / s:.2f}x faster than PyTorch eager)"
+        )
 
 
 if __name__ == "__main__":

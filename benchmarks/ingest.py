@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line
 from PIL import Image
 
 from blossom.config import DataConfig
 from blossom.data.folder import import_folder
-from machine import machine_line
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -82,8 +82,14 @@ def main() -> None:
             rates = {}
             for workers in (1, cores):
                 out = Path(tmp) / f"out{workers}"
-                cfg = DataConfig(source="folder", path=str(src), image_size=size, workers=workers,
-                                 train_size=args.n, val_size=args.n // 20)
+                cfg = DataConfig(
+                    source="folder",
+                    path=str(src),
+                    image_size=size,
+                    workers=workers,
+                    train_size=args.n,
+                    val_size=args.n // 20,
+                )
                 t = time.perf_counter()
                 import_folder(cfg, out)
                 rates[workers] = args.n / (time.perf_counter() - t)

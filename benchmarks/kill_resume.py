@@ -22,11 +22,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-SETS = ["data.image_size=32", "data.train_size=96", "data.val_size=16", "vae.block_out_channels=[8,16,16]",
-        "vae.norm_num_groups=4", "vae.steps=3", "vae.batch_size=8", "vae.crop=16", "unet.block_out_channels=[16,32]",
-        "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]", "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
-        "unet.norm_num_groups=8", "unet.attention_head_dim=4", "train.batch_size=8", "train.warmup_steps=1",
-        "train.checkpoint_every=2", "train.val_every=2", "train.log_every=1", "text.max_tokens=16"]
+SETS = [
+    "data.image_size=32",
+    "data.train_size=96",
+    "data.val_size=16",
+    "vae.block_out_channels=[8,16,16]",
+    "vae.norm_num_groups=4",
+    "vae.steps=3",
+    "vae.batch_size=8",
+    "vae.crop=16",
+    "unet.block_out_channels=[16,32]",
+    "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
+    "unet.norm_num_groups=8",
+    "unet.attention_head_dim=4",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.val_every=2",
+    "train.log_every=1",
+    "text.max_tokens=16",
+]
 
 
 def blossom(root: Path, steps: int, *args: str) -> list[str]:
@@ -57,8 +73,12 @@ def main() -> None:
         ckpts = root / "train" / "checkpoints"
         mid_save = corrupt = 0
         for _ in range(args.kills):
-            proc = subprocess.Popen(blossom(root, args.steps, "train", "--resume", "auto"), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                blossom(root, args.steps, "train", "--resume", "auto"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             before = latest(ckpts)
             # Wait for a write after a new `latest` exists, so every run makes progress before its kill.
             while proc.poll() is None and not (latest(ckpts) > before and saving(ckpts)):
@@ -75,8 +95,10 @@ def main() -> None:
         a = load_file(straight / "train" / "checkpoints" / last / "model.safetensors")
         b = load_file(ckpts / last / "model.safetensors")
         same = all(torch.equal(a[k], b[k]) for k in a)
-        print(f"{args.kills} kills: {mid_save} landed inside a checkpoint write, {corrupt} left a corrupt `latest`; "
-              f"final weights {'equal' if same else 'DIFFER from'} the uninterrupted run's")
+        print(
+            f"{args.kills} kills: {mid_save} landed inside a checkpoint write, {corrupt} left a corrupt `latest`; "
+            f"final weights {'equal' if same else 'DIFFER from'} the uninterrupted run's"
+        )
 
 
 if __name__ == "__main__":

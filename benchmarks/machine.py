@@ -34,5 +34,7 @@ def measured_peak() -> dict[str, float]:
 
 def machine_line(peak: dict[str, float] | None = None) -> str:
     peak = peak or measured_peak()
-    return (f"machine: {describe()}, {torch.get_num_threads()} threads; fp32 peak measured now: "
-            f"matmul {peak['matmul']:.0f} GFLOP/s, conv {peak['conv']:.0f} GFLOP/s")
+    return (
+        f"machine: {describe()}, {torch.get_num_threads()} threads; fp32 peak measured now: "
+        f"matmul {peak['matmul']:.0f} GFLOP/s, conv {peak['conv']:.0f} GFLOP/s"
+    )

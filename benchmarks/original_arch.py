@@ -21,11 +21,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from blossom.backends import OnnxBackend, TorchBackend, physical_cores, unet_feed
-from blossom.sampling import sample
 from machine import machine_line
 from timing import median_seconds
+
+from blossom.backends import OnnxBackend, TorchBackend, physical_cores
+from blossom.layout import unet_feed
+from blossom.sampling import sample
 
 PROMPT = "a red flower with five round petals on green grass"
 RUNS = [("ddim", 30), ("dpm++2m", 15), ("unipc", 10)]
@@ -42,17 +43,29 @@ def build(root: Path) -> Path:
     torch.manual_seed(0)
     model = root / "model"
     UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(192, 384, 576), layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(192, 384, 576),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     ).save_pretrained(model / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
-                  block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  ).save_pretrained(model / "vae")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(model / "scheduler")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=256,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ).save_pretrained(model / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False).save_pretrained(
+        model / "scheduler"
+    )
     # CLIP ViT-L/14's text tower: 12 layers, 768 wide, 77 tokens; a tokenizer over a tiny vocabulary
     # stands in (tokenizing costs microseconds either way).
     encoder = root / "clip"
@@ -62,10 +75,20 @@ def build(root: Path) -> Path:
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     CLIPTokenizerFast(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(encoder)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77)).save_pretrained(encoder)
-    write_json(model / "blossom.json", {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256",
-                                        "image_size": 256})
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    ).save_pretrained(encoder)
+    write_json(
+        model / "blossom.json",
+        {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256", "image_size": 256},
+    )
     write_json(model / "train.json", {"val_loss": None, "steps": 0})
     export(model, root / "export", [PROMPT, "a white flower at night"], ("unipc", 10, 5.0))
     return root / "export"
@@ -79,8 +102,12 @@ class OpenVinoBackend(OnnxBackend):
 
         super().__init__(folder)
         core, cfg = ov.Core(), {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
-        self.ov = {k: core.compile_model(core.read_model(str(folder / "onnx" / f"{k}.onnx")), "CPU", cfg).create_infer_request()
-                   for k in ("unet", "vae_decoder")}
+        self.ov = {
+            k: core.compile_model(
+                core.read_model(str(folder / "onnx" / f"{k}.onnx")), "CPU", cfg
+            ).create_infer_request()
+            for k in ("unet", "vae_decoder")
+        }
 
     def unet(self, latents, t, text):
         return torch.from_numpy(self.ov["unet"].infer(unet_feed(latents, t, text))[0].copy())
@@ -94,7 +121,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="blocks of 3 timed images per run, taking turns")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager on DDIM 30")
     ap.add_argument("--bf16", action="store_true", help="also time PyTorch in bfloat16 on UniPC 10")
-    ap.add_argument("--openvino", action="store_true", help="also time OpenVINO bf16 on UniPC 10 (pip install openvino)")
+    ap.add_argument(
+        "--openvino", action="store_true", help="also time OpenVINO bf16 on UniPC 10 (pip install openvino)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
     print(machine_line())

@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import machine_line
+from timing import median_seconds
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.config import load_config
 from blossom.evaluate import evaluate
 from blossom.models import set_threads
 from blossom.sampling import sample
-from machine import machine_line
-from timing import median_seconds
 
 PROMPT = "a red flower with five round petals on green grass"
 
@@ -42,19 +42,33 @@ def main() -> None:
     cfg.sample = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.steps)
     cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"ort fp32": OnnxBackend(args.model), "ort int8": OnnxBackend(args.model, precision="int8"),
-                    "torch fp32": TorchBackend(args.model), "torch bf16": TorchBackend(args.model, torch.bfloat16)}
-        times = median_seconds({k: (lambda seed, b=b: sample(b, [PROMPT], args.sampler, args.steps, 5.0, seed))
-                                for k, b in variants.items()})
-        scores = {k: evaluate(cfg, b, Path(args.classifier), Path(tmp) / f"eval-{k}")["adherence"]["all"]
-                  for k, b in variants.items()}
+        variants = {
+            "ort fp32": OnnxBackend(args.model),
+            "ort int8": OnnxBackend(args.model, precision="int8"),
+            "torch fp32": TorchBackend(args.model),
+            "torch bf16": TorchBackend(args.model, torch.bfloat16),
+        }
+        times = median_seconds(
+            {
+                k: (lambda seed, b=b: sample(b, [PROMPT], args.sampler, args.steps, 5.0, seed))
+                for k, b in variants.items()
+            }
+        )
+        scores = {
+            k: evaluate(cfg, b, Path(args.classifier), Path(tmp) / f"eval-{k}")["adherence"]["all"]
+            for k, b in variants.items()
+        }
     print(f"{args.sampler} {args.steps} steps, guidance 5, one image; adherence over {scores['ort fp32']['n']} images")
     for k in variants:
         t, a = times[k], scores[k]
-        print(f"{k:>10}: {t * 1e3:6.1f} ms/image  colour {a['petal_color']:.3f}  background {a['background']:.3f}  "
-              f"count {a['petal_count']:.3f}  shape {a['petal_shape']:.3f}")
-    print(f"ORT int8 over fp32: {times['ort fp32'] / times['ort int8']:.2f}x; "
-          f"torch bf16 over fp32: {times['torch fp32'] / times['torch bf16']:.2f}x")
+        print(
+            f"{k:>10}: {t * 1e3:6.1f} ms/image  colour {a['petal_color']:.3f}  background {a['background']:.3f}  "
+            f"count {a['petal_count']:.3f}  shape {a['petal_shape']:.3f}"
+        )
+    print(
+        f"ORT int8 over fp32: {times['ort fp32'] / times['ort int8']:.2f}x; "
+        f"torch bf16 over fp32: {times['torch fp32'] / times['torch bf16']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

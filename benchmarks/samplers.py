@@ -15,14 +15,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_line
+
 from blossom.backends import load_backend, physical_cores
 from blossom.config import load_config
 from blossom.evaluate import HEADS, evaluate
 from blossom.models import set_threads
-from machine import machine_line
 
-GRID = [("ddim", 10), ("ddim", 20), ("ddim", 30), ("ddim", 50), ("dpm++2m", 5), ("dpm++2m", 10), ("dpm++2m", 15),
-        ("dpm++2m", 20), ("unipc", 5), ("unipc", 10), ("unipc", 15), ("euler", 20)]
+GRID = [
+    ("ddim", 10),
+    ("ddim", 20),
+    ("ddim", 30),
+    ("ddim", 50),
+    ("dpm++2m", 5),
+    ("dpm++2m", 10),
+    ("dpm++2m", 15),
+    ("dpm++2m", 20),
+    ("unipc", 5),
+    ("unipc", 10),
+    ("unipc", 15),
+    ("euler", 20),
+]
 
 
 def main() -> None:
@@ -32,8 +45,11 @@ def main() -> None:
     ap.add_argument("--backend", default="onnx")
     ap.add_argument("--per-prompt", type=int, default=3)
     ap.add_argument("--grid", help="sampler:steps pairs, e.g. ddim:50,unipc:15 (default: the full grid)")
-    ap.add_argument("--attributes", default="petal_color,background",
-                    help="attributes averaged into the score that picks the step counts")
+    ap.add_argument(
+        "--attributes",
+        default="petal_color,background",
+        help="attributes averaged into the score that picks the step counts",
+    )
     args = ap.parse_args()
     grid = [(p.split(":")[0], int(p.split(":")[1])) for p in args.grid.split(",")] if args.grid else GRID
     keys = args.attributes.split(",")

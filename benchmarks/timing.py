@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def median_seconds(fns: dict[str, Callable[[int], object]], rounds: int = 3, per_round: int = 5) -> dict[str, float]:

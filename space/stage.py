@@ -1,6 +1,6 @@
 """Stage the Hugging Face Space: app.py, README.md (front matter), requirements.txt and the blossom package.
 
-    python space/stage.py OUT_DIR
+python space/stage.py OUT_DIR
 """
 
 import shutil
@@ -16,8 +16,9 @@ def stage(out: Path) -> Path:
     out.mkdir(parents=True)
     for name in ("app.py", "README.md", "requirements.txt"):
         shutil.copy2(HERE / name, out / name)
-    shutil.copytree(HERE.parent / "src" / "blossom", out / "src" / "blossom",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        HERE.parent / "src" / "blossom", out / "src" / "blossom", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     return out
 
 

@@ -16,14 +16,32 @@ torch.set_num_threads(2)
 
 # A config small enough for unit tests: 32 px images, 8x8x4 latents, a ~0.2M-parameter UNet.
 MICRO = [
-    "data.image_size=32", "data.train_size=96", "data.val_size=16",
-    "vae.block_out_channels=[8,16,16]", "vae.norm_num_groups=4", "vae.steps=3", "vae.batch_size=8", "vae.crop=16",
-    "unet.block_out_channels=[16,32]", "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
-    "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "unet.norm_num_groups=8", "unet.attention_head_dim=4",
-    "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.checkpoint_every=2", "train.val_every=2",
-    "train.log_every=1", "text.max_tokens=16",
-    "sample.steps=4", "evaluate.classifier_train_size=64", "evaluate.classifier_test_size=32",
-    "evaluate.classifier_epochs=1", "evaluate.images_per_prompt=1", "evaluate.batch_size=40",
+    "data.image_size=32",
+    "data.train_size=96",
+    "data.val_size=16",
+    "vae.block_out_channels=[8,16,16]",
+    "vae.norm_num_groups=4",
+    "vae.steps=3",
+    "vae.batch_size=8",
+    "vae.crop=16",
+    "unet.block_out_channels=[16,32]",
+    "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
+    "unet.norm_num_groups=8",
+    "unet.attention_head_dim=4",
+    "train.steps=4",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.val_every=2",
+    "train.log_every=1",
+    "text.max_tokens=16",
+    "sample.steps=4",
+    "evaluate.classifier_train_size=64",
+    "evaluate.classifier_test_size=32",
+    "evaluate.classifier_epochs=1",
+    "evaluate.images_per_prompt=1",
+    "evaluate.batch_size=40",
 ]
 
 
@@ -42,7 +60,7 @@ def micro_prepared(tmp_path_factory):
     """Data, VAE and cache for the micro config, built once per test session."""
     from blossom.cli import Paths
     from blossom.data.cache import build_cache
-    from blossom.data.folder import make_dataset
+    from blossom.data.sources import make_dataset
     from blossom.models import load_text_encoder, load_vae
     from blossom.train.autoencoder import train_vae
 
@@ -51,8 +69,14 @@ def micro_prepared(tmp_path_factory):
     paths = Paths(cfg.out)
     make_dataset(cfg.data, paths.data)
     train_vae(cfg, paths.data, paths.vae)
-    build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size,
-                       flip=cfg.data.random_flip)
+    build_cache(
+        paths.data,
+        paths.cache,
+        load_vae(paths.vae),
+        load_text_encoder(cfg.text),
+        cfg.data.image_size,
+        flip=cfg.data.random_flip,
+    )
     return cfg, paths
 
 
@@ -67,6 +91,10 @@ def micro_exported(micro_prepared, tmp_path_factory):
     cfg, paths = micro_prepared
     root = tmp_path_factory.mktemp("export")
     train_diffusion(cfg, paths.cache, paths.vae, root / "train")
-    diffs = export(root / "train" / "model", root / "export", calibration_captions(paths.data / "val"),
-                   (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
+    diffs = export(
+        root / "train" / "model",
+        root / "export",
+        calibration_captions(paths.data / "val"),
+        (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance),
+    )
     return root / "train" / "model", root / "export", diffs

@@ -7,9 +7,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 def free_port() -> int:
@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def process_group(cmd: list[str], log_path: Path, ready: Callable[[], bool], timeout: float = 90,
-                  env: dict | None = None) -> Iterator[subprocess.Popen]:
+def process_group(
+    cmd: list[str], log_path: Path, ready: Callable[[], bool], timeout: float = 90, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
     """Start cmd in a new session, wait until ready() is true, and at the end stop the whole group:
     these servers run workers that outlive their main PID."""
     log = open(log_path, "wb")

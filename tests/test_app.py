@@ -6,13 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import PARAMS
 from streamlit.testing.v1 import AppTest
 
 from blossom.backends import load_backend
 from blossom.cpu import has_vnni
 from blossom.sampling import sample
-
-from conftest import PARAMS
 
 APP = str(PARAMS.parent / "app" / "streamlit_app.py")
 
@@ -51,7 +50,9 @@ def test_no_model_yet_explains_the_one_command(monkeypatch, tmp_path):
     assert at.code[0].value == "make run"
 
 
-@pytest.mark.parametrize("backend, precision", [("onnx", "fp32"), ("onnx", "int8"), ("onnx", "auto"), ("torch", "fp32")])
+@pytest.mark.parametrize(
+    "backend, precision", [("onnx", "fp32"), ("onnx", "int8"), ("onnx", "auto"), ("torch", "fp32")]
+)
 def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, backend, precision):
     _, folder, _ = micro_exported
     at = page(monkeypatch, BLOSSOM_MODEL=folder)

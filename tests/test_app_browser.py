@@ -11,12 +11,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from servers import free_port, http_ok, process_group
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -76,8 +81,9 @@ def test_type_a_prompt_generate_and_download(served, browser, backend, model_fol
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"app-{backend.split()[0].lower()}.png"), full_page=True)
-    (ARTIFACTS / f"app-{backend.split()[0].lower()}.json").write_text(json.dumps({"page_ready_s": round(ready, 2),
-                                                                                   "summary": summary}))
+    (ARTIFACTS / f"app-{backend.split()[0].lower()}.json").write_text(
+        json.dumps({"page_ready_s": round(ready, 2), "summary": summary})
+    )
     page.close()
 
 
@@ -124,9 +130,13 @@ def test_sixteen_concurrent_sessions_each_get_their_own_seeds_image(served, brow
         got = np.asarray(Image.open(download.value.path()))
         assert np.array_equal(got, sample(alone, [prompt], "unipc", 15, 5.0, 100 + i)[0]), f"session {i}"
         page.close()
-    report = {"sessions": sessions, "errors": 0, "wall_seconds": round(wall, 2),
-              "images_per_second": round(sessions / wall, 2),
-              "p95_generation_seconds": round(sorted(shown)[int(0.95 * (sessions - 1))], 2)}
+    report = {
+        "sessions": sessions,
+        "errors": 0,
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(sessions / wall, 2),
+        "p95_generation_seconds": round(sorted(shown)[int(0.95 * (sessions - 1))], 2),
+    }
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "load.json").write_text(json.dumps(report, indent=1))
     print(report)

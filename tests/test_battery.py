@@ -18,12 +18,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import MICRO, PARAMS
 from PIL import Image
 
 from blossom.cli import main
-
-from conftest import MICRO, PARAMS
-
 
 _DIGESTS: dict[tuple[int, int, int, int], str] = {}
 
@@ -40,8 +38,11 @@ def _digest(p: Path) -> str:
 
 def tree(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under root: content hash and permission bits."""
-    return {str(p.relative_to(root)): (_digest(p), stat.S_IMODE(p.lstat().st_mode))
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): (_digest(p), stat.S_IMODE(p.lstat().st_mode))
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def link_copy(src: Path, dst: Path) -> None:
@@ -152,7 +153,7 @@ def fake_checkpoint(root: Path) -> list[str]:
     return ["train", "--resume", "latest"]
 
 
-S = lambda *a: (lambda root: list(a))  # noqa: E731 - a case that needs no setup
+S = lambda *a: lambda root: list(a)  # noqa: E731 - a case that needs no setup
 
 # (id, setup -> argv, exit status, words the one error line must contain)
 CASES = [
@@ -162,10 +163,20 @@ CASES = [
     ("lr not a number", S("--set", "train.lr=fast", "train"), 2, "'train.lr' must be float"),
     ("lr nan", S("--set", "train.lr=nan", "train"), 2, "'train.lr' must be a finite number"),
     ("lr inf", S("--set", "train.lr=.inf", "train"), 2, "'train.lr' must be a finite number"),
-    ("guidance nan in params", S("--set", "sample.guidance=nan", "generate", "x"), 2, "'sample.guidance' must be a finite"),
+    (
+        "guidance nan in params",
+        S("--set", "sample.guidance=nan", "generate", "x"),
+        2,
+        "'sample.guidance' must be a finite",
+    ),
     ("image size huge", S("--set", "data.image_size=100000", "data"), 2, "above its limit of 2048"),
     ("image size zero", S("--set", "data.image_size=0", "data"), 2, "'data.image_size' must be positive"),
-    ("sample steps huge", S("--set", "sample.steps=5000", "generate", "x"), 2, "'sample.steps' is 5000, above its limit"),
+    (
+        "sample steps huge",
+        S("--set", "sample.steps=5000", "generate", "x"),
+        2,
+        "'sample.steps' is 5000, above its limit",
+    ),
     ("train size huge", S("--set", "data.train_size=1000000000", "data"), 2, "above its limit"),
     ("images per prompt huge", S("--set", "evaluate.images_per_prompt=100000", "evaluate"), 2, "above its limit"),
     ("max tokens zero", S("--set", "text.max_tokens=0", "cache"), 2, "'text.max_tokens' must be positive"),
@@ -208,11 +219,19 @@ CASES = [
     # data: the user's folder is only read; a failed import keeps the previous data set
     ("data path missing", lambda root: ["data", "--path", str(root / "nope")], 2, "is not a folder"),
     ("data path a file", lambda root: ["data", "--path", str(file_at(root))], 2, "is not a folder"),
-    ("data folder without images or metadata", lambda root: ["data", "--path", str(images(root / "u", None, n=0))], 2,
-     "metadata.jsonl not found"),
+    (
+        "data folder without images or metadata",
+        lambda root: ["data", "--path", str(images(root / "u", None, n=0))],
+        2,
+        "metadata.jsonl not found",
+    ),
     ("data no usable image keeps previous set", no_usable_images, 2, "the previous data set is kept"),
-    ("data only unreadable metadata", lambda root: ["data", "--path", str(images(root / "u", None, raw_meta=b"{oops\n[1]\n"))],
-     2, "has no captioned images"),
+    (
+        "data only unreadable metadata",
+        lambda root: ["data", "--path", str(images(root / "u", None, raw_meta=b"{oops\n[1]\n"))],
+        2,
+        "has no captioned images",
+    ),
     ("data file name escapes with ..", lambda root: escaping(root, "../../etc/passwd"), 2, "leads outside"),
     ("data file name absolute", lambda root: escaping(root, "/etc/shadow"), 2, "must be a relative path"),
     ("data file name not a string", lambda root: escaping(root, 7), 2, "must be a relative path"),
@@ -223,29 +242,67 @@ CASES = [
     # caption
     ("caption without folder", S("caption"), 2, "no folder to caption"),
     ("caption missing folder", lambda root: ["caption", str(root / "nope")], 2, "is not a folder"),
-    ("caption template without slot", lambda root: ["--set", "caption.template=a flower", "caption",
-                                                    str(images(root / "u", [{"file_name": "0.png", "label": "x"}]))],
-     2, "has no {label}"),
-    ("caption model missing", lambda root: ["--set", "caption.backend=florence2", "--set",
-                                            f"caption.model={root / 'no-model'}", "caption",
-                                            str(images(root / "u", [{"file_name": "0.png"}]))],
-     2, "set caption.model to a local folder"),
-    ("caption escaping row", lambda root: ["caption", str(images(root / "u", [{"file_name": "../x.png"}]))], 2,
-     "leads outside"),
-    ("caption into its own folder", lambda root: ["--set", f"outputs={root / 'u' / 'out'}", "caption",
-                                                  str(images(root / "u", [{"file_name": "0.png", "label": "x"}]))],
-     2, "blossom never writes there"),
+    (
+        "caption template without slot",
+        lambda root: [
+            "--set",
+            "caption.template=a flower",
+            "caption",
+            str(images(root / "u", [{"file_name": "0.png", "label": "x"}])),
+        ],
+        2,
+        "has no {label}",
+    ),
+    (
+        "caption model missing",
+        lambda root: [
+            "--set",
+            "caption.backend=florence2",
+            "--set",
+            f"caption.model={root / 'no-model'}",
+            "caption",
+            str(images(root / "u", [{"file_name": "0.png"}])),
+        ],
+        2,
+        "set caption.model to a local folder",
+    ),
+    (
+        "caption escaping row",
+        lambda root: ["caption", str(images(root / "u", [{"file_name": "../x.png"}]))],
+        2,
+        "leads outside",
+    ),
+    (
+        "caption into its own folder",
+        lambda root: [
+            "--set",
+            f"outputs={root / 'u' / 'out'}",
+            "caption",
+            str(images(root / "u", [{"file_name": "0.png", "label": "x"}])),
+        ],
+        2,
+        "blossom never writes there",
+    ),
     # stages run out of order
     ("cache without a VAE", no_outputs("cache"), 2, "run `blossom train-vae`"),
     ("train without cache", no_outputs("train"), 2, "blossom cache"),
     ("resume without checkpoints", no_outputs("train", "--resume", "latest"), 2, "no checkpoint in"),
-    ("resume from a missing folder", lambda root: ["train", "--resume", str(root / "nope")], 2, "not a complete checkpoint"),
+    (
+        "resume from a missing folder",
+        lambda root: ["train", "--resume", str(root / "nope")],
+        2,
+        "not a complete checkpoint",
+    ),
     ("resume from a damaged checkpoint", fake_checkpoint, 2, "no intact checkpoint"),
     ("evaluate without model", no_outputs("evaluate"), 2, "no model at"),
     ("export missing model", lambda root: ["export", "--model", str(root / "nope")], 2, "no model at"),
     ("export a file", lambda root: ["export", "--model", str(file_at(root))], 2, "no model at"),
-    ("export an unfinished temp folder", lambda root: ["export", "--model", str(unfinished(root))], 2,
-     "never finished"),
+    (
+        "export an unfinished temp folder",
+        lambda root: ["export", "--model", str(unfinished(root))],
+        2,
+        "never finished",
+    ),
     ("publish without export", no_outputs("publish"), 2, "export"),
     ("push-data outside a DVC project", S("push-data"), 2, "is not a DVC project"),
     ("pull-data outside a DVC project", S("pull-data"), 2, "is not a DVC project"),
@@ -265,22 +322,49 @@ CASES = [
     ("seed plus n overflows", gen("--seed", str(2**32 - 2), "--n", "4"), 2, "image i uses seed + i"),
     ("unknown sampler", gen("--sampler", "heun"), 2, "unknown sampler 'heun'"),
     ("int8 on torch", gen("--precision", "int8"), 2, "the torch backend runs fp32 or bf16, not 'int8'"),
-    ("fp16 precision", gen("--backend", "onnx", "--precision", "fp16"), 2, "the onnx backend runs fp32 or int8"),
+    ("fp16 precision", gen("--backend", "onnx", "--precision", "fp16"), 2, "invalid choice: 'fp16'"),
+    ("bf16 on onnx", gen("--backend", "onnx", "--precision", "bf16"), 2, "the onnx backend runs fp32 or int8"),
     ("out is a file", lambda root: ["generate", "x", "--out", str(file_at(root))], 2, "is a file: pass a folder"),
     ("out under a file", lambda root: ["generate", "x", "--out", str(file_at(root) / "sub")], 2, "which is a file"),
     ("out read-only", gen("--out", "/proc/blossom-out"), 2, "is not writable"),
     ("model missing", gen("--model", "/nonexistent/model"), 2, "no model at"),
     ("model unfinished temp folder", generate_with(unfinished), 2, "never finished"),
-    ("int8 missing", generate_with(lambda root: broken_copy(root, lambda m: [p.unlink() for p in
-                                                                             (m / "onnx").glob("*.int8.onnx*")]),
-                                   "--backend", "onnx", "--precision", "int8"), 2, "missing onnx/unet.int8.onnx"),
-    ("truncated unet weights", generate_with(lambda root: broken_copy(
-        root, lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"))), 2, "its files are damaged"),
-    ("damaged model json", generate_with(lambda root: broken_copy(
-        root, lambda m: rewrite(m / "blossom.json", b"{"))), 2, "its files are damaged"),
-    ("broken onnx graph", generate_with(lambda root: broken_copy(
-        root, lambda m: rewrite(m / "onnx" / "unet.opt.onnx", b"junk")), "--backend", "onnx"), 2,
-     "cannot load the ONNX model"),
+    (
+        "int8 missing",
+        generate_with(
+            lambda root: broken_copy(root, lambda m: [p.unlink() for p in (m / "onnx").glob("*.int8.onnx*")]),
+            "--backend",
+            "onnx",
+            "--precision",
+            "int8",
+        ),
+        2,
+        "missing onnx/unet.int8.onnx",
+    ),
+    (
+        "truncated unet weights",
+        generate_with(
+            lambda root: broken_copy(root, lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"))
+        ),
+        2,
+        "its files are damaged",
+    ),
+    (
+        "damaged model json",
+        generate_with(lambda root: broken_copy(root, lambda m: rewrite(m / "blossom.json", b"{"))),
+        2,
+        "its files are damaged",
+    ),
+    (
+        "broken onnx graph",
+        generate_with(
+            lambda root: broken_copy(root, lambda m: rewrite(m / "onnx" / "unet.opt.onnx", b"junk")),
+            "--backend",
+            "onnx",
+        ),
+        2,
+        "cannot load the ONNX model",
+    ),
     # app
     ("port out of range", S("app", "--port", "99999"), 2, "--port must be from 1 to 65535"),
     ("port zero", S("app", "--port", "0"), 2, "--port must be from 1 to 65535"),
@@ -357,8 +441,14 @@ def test_a_failed_import_keeps_the_previous_data_set(made, tmp_path, monkeypatch
     root = tmp_path / "project"
     link_copy(made, root)
     before = tree(root / "outputs" / "data")
-    argv = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={root / 'outputs'}",
-            *no_usable_images(root)]
+    argv = [
+        "--params",
+        str(PARAMS),
+        *[a for m in MICRO for a in ("--set", m)],
+        "--set",
+        f"outputs={root / 'outputs'}",
+        *no_usable_images(root),
+    ]
     assert main(argv) == 2
     assert tree(root / "outputs" / "data") == before
     assert not [p for p in (root / "outputs").iterdir() if p.name.endswith(".tmp")]
@@ -367,9 +457,15 @@ def test_a_failed_import_keeps_the_previous_data_set(made, tmp_path, monkeypatch
 def test_a_user_folder_is_never_written(tmp_path, monkeypatch):
     """Captions are made for uncaptioned images, into blossom's outputs; the user's files, odd
     lines, non-UTF-8 text and permissions included, are left byte for byte."""
-    folder = images(tmp_path / "user", None, n=4, raw_meta=(
-        b'{"file_name": "0.png", "text": "caf\xe9 flower"}\n'  # Windows-1252, not UTF-8
-        b'not json at all\n{"text": "a row without a file"}\n{"file_name": "1.png", "label": "rose"}\n'))
+    folder = images(
+        tmp_path / "user",
+        None,
+        n=4,
+        raw_meta=(
+            b'{"file_name": "0.png", "text": "caf\xe9 flower"}\n'  # Windows-1252, not UTF-8
+            b'not json at all\n{"text": "a row without a file"}\n{"file_name": "1.png", "label": "rose"}\n'
+        ),
+    )
     os.chmod(folder / "metadata.jsonl", 0o644)
     (folder / "sub").mkdir()
     Image.new("RGB", (40, 40)).save(folder / "sub" / "2.png")
@@ -379,14 +475,18 @@ def test_a_user_folder_is_never_written(tmp_path, monkeypatch):
     assert main([*argv, "caption", str(folder)]) == 0
     assert main([*argv, "data", "--path", str(folder)]) == 0
     assert tree(folder) == before
-    texts = sorted(json.loads(line)["text"] for s in ("train", "val")
-                   for line in (out / "data" / s / "metadata.jsonl").read_text().splitlines())
+    texts = sorted(
+        json.loads(line)["text"]
+        for s in ("train", "val")
+        for line in (out / "data" / s / "metadata.jsonl").read_text().splitlines()
+    )
     assert texts == ["a photo of a rose", "a photo of a sub", "café flower"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [["data"], ["cache"], ["export", "--model", "outputs/train/model"], ["publish"]],
-                         ids=lambda s: s[0])
+@pytest.mark.parametrize(
+    "stage", [["data"], ["cache"], ["export", "--model", "outputs/train/model"], ["publish"]], ids=lambda s: s[0]
+)
 def test_kill_9_at_random_points_then_a_plain_rerun_recovers(stage, made, micro_prepared, tmp_path):
     """SIGKILL lands at random moments of the stage; the previous result is still there after each
     kill, and a plain rerun succeeds and leaves no temp folder behind."""
@@ -400,8 +500,17 @@ def test_kill_9_at_random_points_then_a_plain_rerun_recovers(stage, made, micro_
     root = tmp_path / "project"
     shutil.copytree(made, root)
     shutil.copytree(paths.vae, root / "outputs" / "vae")
-    cmd = [sys.executable, "-m", "blossom.cli", "--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)],
-           "--set", f"outputs={root / 'outputs'}", *stage]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blossom.cli",
+        "--params",
+        str(PARAMS),
+        *[a for m in MICRO for a in ("--set", m)],
+        "--set",
+        f"outputs={root / 'outputs'}",
+        *stage,
+    ]
     run = lambda: subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)  # noqa: E731
     start = time.monotonic()
     first = run()
@@ -410,8 +519,9 @@ def test_kill_9_at_random_points_then_a_plain_rerun_recovers(stage, made, micro_
     result = {"data": "data", "cache": "cache", "export": "export", "publish": "hub"}[stage[0]]
     rng = random.Random(stage[0])
     for fraction in sorted(rng.uniform(0.4, 0.95) for _ in range(2)):
-        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         time.sleep(took * fraction)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -435,8 +545,11 @@ def test_sigterm_to_the_app_stops_its_server_too(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = subprocess.Popen([sys.executable, "-m", "blossom.cli", "--set", f"outputs={tmp_path}", "app", "--port",
-                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app = subprocess.Popen(
+        [sys.executable, "-m", "blossom.cli", "--set", f"outputs={tmp_path}", "app", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -1,4 +1,5 @@
-"""The benchmarks' machine probe: every timing is printed beside the CPU's features and a peak measured in the same run."""
+"""The benchmarks' machine probe: every timing is printed beside the CPU's features and a peak
+measured in the same run."""
 
 from __future__ import annotations
 

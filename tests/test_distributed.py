@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import MICRO, PARAMS
+from safetensors.torch import load_file
 from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,21 +34,45 @@ def run_root(paths, root: Path) -> Path:
     return root
 
 
-def train_cmd(root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = (),
-              accelerate: bool = False) -> list[str]:
+def train_cmd(
+    root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = (), accelerate: bool = False
+) -> list[str]:
     args = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={root}", *extra]
     if procs == 1:
         return [sys.executable, "-m", "blossom.cli", *args]
     if accelerate:  # the shipped config, as a GPU user runs it; on this CPU machine it trains over gloo
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate_multi_gpu.yaml"),
-                "--num_processes", str(procs), "--main_process_port", str(free_port()), "-m", "blossom.cli", *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                "--standalone", *torchrun_args]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate_multi_gpu.yaml"),
+            "--num_processes",
+            str(procs),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "blossom.cli",
+            *args,
+        ]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(procs),
+        "--standalone",
+        *torchrun_args,
+    ]
     return [*launcher, "-m", "blossom.cli", *args]
 
 
 def train(root: Path, *extra: str, procs: int = 1, resume: str | None = None, accelerate: bool = False):
-    cmd = train_cmd(root, *extra, procs=procs, accelerate=accelerate) + ["train"] + (["--resume", resume] if resume else [])
+    cmd = (
+        train_cmd(root, *extra, procs=procs, accelerate=accelerate)
+        + ["train"]
+        + (["--resume", resume] if resume else [])
+    )
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -78,7 +101,9 @@ GRADIENT_FREE = ("add_embedding.pool.k_proj.bias",)
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_zero2_under_torchrun(micro_prepared, tmp_path):
+def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_zero2_under_torchrun(
+    micro_prepared, tmp_path
+):
     _, paths = micro_prepared
     steps = f"train.steps={STEPS}"
     single = run_root(paths, tmp_path / "single")
@@ -118,7 +143,9 @@ def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_ze
 KILL_STEPS = 24  # long enough that a kill lands mid-run, short enough for CI
 
 
-def start_training(root: Path, resume: str | None, procs: int = 1, torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_training(
+    root: Path, resume: str | None, procs: int = 1, torchrun_args: tuple[str, ...] = ()
+) -> subprocess.Popen:
     cmd = train_cmd(root, "--set", f"train.steps={KILL_STEPS}", procs=procs, torchrun_args=torchrun_args)
     cmd += ["train"] + (["--resume", resume] if resume else [])
     log = open(root / "train.log", "a")  # a file, not a pipe: nobody reads a pipe while training runs
@@ -168,7 +195,7 @@ def test_kill_9_mid_run_and_mid_save_then_resume_equals_an_uninterrupted_run(mic
     for _ in range(5):
         before = latest_step(killed)
         proc = start_training(killed, "latest")
-        wait_for(proc, lambda: latest_step(killed) > before and saving(killed))
+        wait_for(proc, lambda before=before: latest_step(killed) > before and saving(killed))
         kill(proc)
         caught_mid_save = saving(killed)
         if caught_mid_save:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import MICRO, PARAMS
 
 from blossom.config import Config, _set, parse_override
-
-from conftest import MICRO, PARAMS
 
 ROOT = PARAMS.parent
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -28,8 +27,12 @@ STAGE_READS = {
     "train-vae": ["vae", "data.image_size", "train.seed"],
     "cache": ["text", "data.image_size", "vae.pretrained"],
     "train": ["unet", "train", "text", "data.image_size", "vae.pretrained"],
-    "classifier": ["data.image_size", "evaluate.classifier_train_size", "evaluate.classifier_test_size",
-                   "evaluate.classifier_epochs"],
+    "classifier": [
+        "data.image_size",
+        "evaluate.classifier_train_size",
+        "evaluate.classifier_test_size",
+        "evaluate.classifier_epochs",
+    ],
     "evaluate": ["sample", "evaluate.images_per_prompt", "evaluate.batch_size"],
     "promote": ["tracking"],
     "export": ["sample.sampler", "sample.steps", "sample.guidance"],
@@ -51,8 +54,7 @@ def test_every_stage_tracks_each_key_it_reads_and_the_presets_that_override_them
         listed = set(stages[name]["params"])
         wanted = {k for entry in reads for k in _keys(entry)}
         for preset, block in presets.items():  # a preset key of a section the stage reads
-            wanted |= {f"presets.{preset}.{s}.{k}" for s, keys in block.items() for k in keys
-                       if f"{s}.{k}" in wanted}
+            wanted |= {f"presets.{preset}.{s}.{k}" for s, keys in block.items() for k in keys if f"{s}.{k}" in wanted}
         if name not in ("push-data", "promote", "publish"):
             wanted.add("preset")
         assert wanted <= listed, f"stage {name} misses params {sorted(wanted - listed)}"
@@ -76,8 +78,11 @@ def micro_project(root: Path, extra_stages: dict | None = None) -> Path:
 
 
 # Credentials a user may have in the environment; none may end up in a file or a log.
-CANARIES = {"AWS_SECRET_ACCESS_KEY": "canary-aws-secret-7f3a", "HF_TOKEN": "hf_canaryTOKEN9b2c",
-            "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-pw-41d0"}
+CANARIES = {
+    "AWS_SECRET_ACCESS_KEY": "canary-aws-secret-7f3a",
+    "HF_TOKEN": "hf_canaryTOKEN9b2c",
+    "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-pw-41d0",
+}
 
 
 def repro(root: Path, *args: str) -> tuple[list[str], float, str]:
@@ -105,8 +110,18 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
     published = root / "outputs" / "hub" / "blossom-flowers"
 
     ran, _, _ = repro(root)
-    assert set(ran) == {"data", "push-data", "train-vae", "cache", "train", "classifier", "evaluate", "promote",
-                        "export", "publish"}
+    assert set(ran) == {
+        "data",
+        "push-data",
+        "train-vae",
+        "cache",
+        "train",
+        "classifier",
+        "evaluate",
+        "promote",
+        "export",
+        "publish",
+    }
     assert (root / "dvc-storage" / "files" / "md5").is_dir()  # the data set went to the default remote
     champion = json.loads((published / "champion.json").read_text())
     assert champion["version"] == "1" and (published / "README.md").exists()
@@ -130,14 +145,24 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
     ran, _, _ = repro(root)
     now = json.loads((root / "outputs" / "champion" / "champion.json").read_text())
     history.append(now["val_loss"])
-    assert ran == (["train", "evaluate", "promote", "export", "publish"] if now["version"] == "3"
-                   else ["train", "evaluate", "promote"])
+    assert ran == (
+        ["train", "evaluate", "promote", "export", "publish"]
+        if now["version"] == "3"
+        else ["train", "evaluate", "promote"]
+    )
     assert now["version"] == "3", f"12 steps should beat 4: {history}"
     assert history == sorted(history, reverse=True)  # the champion's loss never rises
 
     # No credential from the environment in params, dvc.lock, saved configs, logs or the MLflow store.
-    scanned = [root / "params.yaml", root / "dvc.lock", root / "repro.log", root / "mlflow.db",
-               *root.glob("outputs/**/*.yaml"), *root.glob("outputs/**/*.json"), *root.glob("mlruns/**/*")]
+    scanned = [
+        root / "params.yaml",
+        root / "dvc.lock",
+        root / "repro.log",
+        root / "mlflow.db",
+        *root.glob("outputs/**/*.yaml"),
+        *root.glob("outputs/**/*.json"),
+        *root.glob("mlruns/**/*"),
+    ]
     for path in (p for p in scanned if p.is_file()):
         data = path.read_bytes()
         for secret in CANARIES.values():

@@ -5,13 +5,20 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import MICRO, PARAMS
+from PIL import Image
 
 
 def blossom(*args, cwd):
-    cmd = [sys.executable, "-m", "blossom.cli", "--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blossom.cli",
+        "--params",
+        str(PARAMS),
+        *[a for m in MICRO for a in ("--set", m)],
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
@@ -35,15 +42,31 @@ def test_run_then_generate(tmp_path):
     assert "Validation loss" in (published / "README.md").read_text()
     assert json.loads((published / "metrics.json").read_text()) == metrics  # the champion carries its scores
 
-    gen = blossom("--set", f"outputs={out}", "generate", "a pink flower with six thin petals at night", "--backend",
-                  "onnx", "--n", "3", "--steps", "5", "--seed", "1", "--out", str(tmp_path / "gen"), cwd=tmp_path)
+    gen = blossom(
+        "--set",
+        f"outputs={out}",
+        "generate",
+        "a pink flower with six thin petals at night",
+        "--backend",
+        "onnx",
+        "--n",
+        "3",
+        "--steps",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "gen"),
+        cwd=tmp_path,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     pngs = sorted((tmp_path / "gen").glob("*.png"))
     assert [p.name for p in pngs] == ["000.png", "001.png", "002.png"]
     assert Image.open(pngs[0]).size == (32, 32)
 
-    tracked = blossom("--set", f"outputs={out}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "promote",
-                      cwd=tmp_path)
+    tracked = blossom(
+        "--set", f"outputs={out}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "promote", cwd=tmp_path
+    )
     assert tracked.returncode == 0, tracked.stderr[-2000:]
     # the same model again: a second version, not better, so the champion stays
     assert "version 2" in tracked.stdout and "kept champion version 1" in tracked.stdout

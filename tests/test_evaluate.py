@@ -1,17 +1,23 @@
 import numpy as np
 import pytest
+from conftest import PARAMS
 
 from blossom.config import load_config
 from blossom.data import synthetic
 from blossom.evaluate import HEADS, adherence, eval_flowers, load_classifier, train_classifier
 
-from conftest import PARAMS
-
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    cfg = load_config(PARAMS, overrides=["data.image_size=32", "evaluate.classifier_train_size=2000",
-                                         "evaluate.classifier_test_size=400", "evaluate.classifier_epochs=3"])
+    cfg = load_config(
+        PARAMS,
+        overrides=[
+            "data.image_size=32",
+            "evaluate.classifier_train_size=2000",
+            "evaluate.classifier_test_size=400",
+            "evaluate.classifier_epochs=3",
+        ],
+    )
     folder = tmp_path_factory.mktemp("classifier")
     ceiling = train_classifier(cfg, folder)
     model, saved = load_classifier(folder)
@@ -42,8 +48,10 @@ def test_adherence_is_high_for_faithful_images_and_chance_for_wrong_ones(classif
     assert faithful["seen"]["n"] + faithful["held_out"]["n"] == len(flowers) == 80
     # The same images scored against prompts whose colour is rotated by one palette step.
     colors = list(synthetic.PETAL_COLORS)
-    wrong = [f.__class__(**{**f.__dict__, "petal_color": colors[(colors.index(f.petal_color) + 1) % len(colors)]})
-             for f in flowers]
+    wrong = [
+        f.__class__(**{**f.__dict__, "petal_color": colors[(colors.index(f.petal_color) + 1) % len(colors)]})
+        for f in flowers
+    ]
     scored = adherence(model, render(flowers), wrong)
     assert scored["all"]["petal_color"] <= 0.1
     assert set(scored["all"]) == {*HEADS, "n"}

@@ -85,23 +85,30 @@ def _scopes(node) -> str:
 def test_int8_quantizes_the_heavy_products_and_keeps_the_sensitive_ones(exported):
     import onnx
 
-    from blossom.quantize import INT8_FILES
+    from blossom.layout import INT8_FILES
 
     _, out, _ = exported
     graph = onnx.load(str(out / "onnx" / "unet.onnx"), load_external_data=False).graph
     int8 = onnx.load(str(out / "onnx" / INT8_FILES["unet"]), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
     # in the QDQ graph a quantized op reads its weight through a DequantizeLinear
-    fed_by_dq = {n.name for n in int8.node if n.op_type in ("Conv", "MatMul", "Gemm")
-                 and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input[1:2])}
+    fed_by_dq = {
+        n.name
+        for n in int8.node
+        if n.op_type in ("Conv", "MatMul", "Gemm")
+        and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input[1:2])
+    }
     convs = [n for n in graph.node if n.op_type == "Conv"]
     kept = {n.name for n in convs if any(k in _scopes(n) for k in ("conv_in", "conv_out"))}
     assert len(kept) == 2 and kept.isdisjoint(fed_by_dq)
     assert {n.name for n in convs} - kept <= fed_by_dq
     attention_products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     assert attention_products and fed_by_dq.isdisjoint(attention_products)
-    projections = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
-                   and ".attn" in _scopes(n)]
+    projections = [
+        n.name
+        for n in graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and ".attn" in _scopes(n)
+    ]
     assert projections and set(projections) <= fed_by_dq
 
 
@@ -138,8 +145,13 @@ def _with_scores(exported, tmp_path):
     folder = tmp_path / "export"
     shutil.copytree(out, folder)
     scores = {k: 0.5 for k in ("petal_color", "background", "petal_count", "petal_shape")}
-    metrics = {"adherence": {"seen": {**scores, "petal_color": 0.95}, "held_out": scores, "all": scores},
-               "ceiling": {**scores, "petal_color": 1.0}, "sampler": "ddim", "steps": 30, "guidance": 5.0}
+    metrics = {
+        "adherence": {"seen": {**scores, "petal_color": 0.95}, "held_out": scores, "all": scores},
+        "ceiling": {**scores, "petal_color": 1.0},
+        "sampler": "ddim",
+        "steps": 30,
+        "guidance": 5.0,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     Image.new("RGB", (8, 8)).save(folder / "samples.png")
     return folder
@@ -181,5 +193,29 @@ def test_publish_to_the_hub_says_at_once_why_it_cannot(exported, tmp_path):
         publish(cfg, folder, tmp_path / "hub", token="hf_not_a_real_token", offline=True)
     start = time.time()
     with pytest.raises(PublishError, match="cannot reach http://127.0.0.1:9") as err:
-        publish(cfg, folder, tmp_path / "hub", token="hf_not_a_real_token", offline=False, endpoint="http://127.0.0.1:9")
+        publish(
+            cfg, folder, tmp_path / "hub", token="hf_not_a_real_token", offline=False, endpoint="http://127.0.0.1:9"
+        )
     assert time.time() - start < 5 and "hf_not_a_real_token" not in str(err.value)
+
+
+def test_int8_below_the_bar_is_searched_then_not_shipped(micro_exported, micro_prepared, tmp_path, monkeypatch):
+    """With an unreachable bar, export tries the UNet with each decoder-side block kept in fp32,
+    records what each gave, and ships no int8 graphs; the fp32 export is complete."""
+    import blossom.export as export_module
+    from blossom.cli import calibration_captions
+    from blossom.export import export
+
+    model, _, _ = micro_exported
+    _, paths = micro_prepared
+    monkeypatch.setattr(export_module, "INT8_MIN_PSNR_DB", 99.0)
+    out = tmp_path / "export"
+    diffs = export(model, out, calibration_captions(paths.data / "val"), ("ddim", 4, 5.0))
+    decided = json.loads((out / "onnx" / "int8.json").read_text())
+    assert decided["written"] is False and decided["bar_db"] == 99.0
+    assert set(decided["tried_db"]) == {"", "mid_block", "up_blocks.0", "up_blocks.1"}
+    assert decided["psnr_db"] == max(decided["tried_db"].values()) == diffs["image_int8_psnr_db"] > 15
+    assert not list((out / "onnx").glob("*.int8.onnx*")) and not list((out / "onnx").glob(".best*"))
+    with pytest.raises(ModelError, match="missing onnx/unet.int8.onnx"):
+        load_backend("onnx", out, "int8")
+    assert load_backend("onnx", out, "auto").precision == "fp32"

@@ -40,7 +40,9 @@ def test_bad_rows_and_images_are_skipped_counted_and_warned_once(tmp_path, caplo
 
 def test_import_folder_writes_both_splits_without_losing_captions(tmp_path):
     folder = make_folder(tmp_path / "imgs")
-    counts = import_folder(DataConfig(source="folder", path=str(folder), image_size=16, train_size=4, val_size=2), tmp_path / "out")
+    counts = import_folder(
+        DataConfig(source="folder", path=str(folder), image_size=16, train_size=4, val_size=2), tmp_path / "out"
+    )
     assert counts["train"] + counts["val"] == 6 and counts["train"] > 0
     texts = [r.text for s in ("train", "val") for r in read_metadata(tmp_path / "out" / s)]
     assert sorted(texts) == sorted(f"flower number {i}" for i in range(6))

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from blossom.config import CaptionConfig, DataConfig
-from blossom.data.folder import import_folder, make_dataset, read_metadata
+from blossom.data.folder import import_folder, read_metadata
+from blossom.data.sources import make_dataset
 from blossom.errors import DataError
 
 SIZE = 16
@@ -45,12 +46,26 @@ def awkward_folder(root):
     Image.new("L", (1200, 1000), 0).save(root / "huge.png")  # over the test's max_pixels
     (root / "truncated.jpg").write_bytes(jpeg_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:300])
     (root / "corrupt.png").write_bytes(b"\x89PNG not really")
-    rows = [{"file_name": n, "text": f"image {n}"} for n in
-            ("rgb.jpg", "gray.png", "cmyk.jpg", "alpha.png", "deep.png", "palette.png", "rotated.jpg", "tiny.png",
-             "huge.png", "truncated.jpg", "corrupt.png", "gone.png")]
+    rows = [
+        {"file_name": n, "text": f"image {n}"}
+        for n in (
+            "rgb.jpg",
+            "gray.png",
+            "cmyk.jpg",
+            "alpha.png",
+            "deep.png",
+            "palette.png",
+            "rotated.jpg",
+            "tiny.png",
+            "huge.png",
+            "truncated.jpg",
+            "corrupt.png",
+            "gone.png",
+        )
+    ]
     rows.append({"file_name": "rgb.jpg", "text": "the same file named twice"})
     lines = [json.dumps(r).encode() for r in rows]
-    lines.append('{"file_name": "caf\\u00e9.png", "text": "caf'.encode() + b"\xe9" + b' au lait"}')  # cp1252, not UTF-8
+    lines.append(b'{"file_name": "caf\\u00e9.png", "text": "caf' + b"\xe9" + b' au lait"}')  # cp1252, not UTF-8
     (root / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     Image.new("RGB", (30, 30), (5, 5, 5)).save(root / "café.png")
     return root
@@ -66,8 +81,16 @@ def by_source(out):
 
 
 def cfg_for(folder, **kw):
-    return DataConfig(source="folder", path=str(folder), image_size=SIZE, train_size=100, val_size=1,
-                      max_pixels=1_000_000, workers=1, **kw)
+    return DataConfig(
+        source="folder",
+        path=str(folder),
+        image_size=SIZE,
+        train_size=100,
+        val_size=1,
+        max_pixels=1_000_000,
+        workers=1,
+        **kw,
+    )
 
 
 def test_each_awkward_kind_is_handled_and_counted_in_one_line(tmp_path, caplog):
@@ -76,10 +99,12 @@ def test_each_awkward_kind_is_handled_and_counted_in_one_line(tmp_path, caplog):
         counts = import_folder(cfg_for(folder), tmp_path / "out")
     assert counts["train"] + counts["val"] == 9
     [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
-    assert summary == ("data: 9 images written; skipped 1 missing (e.g. gone.png), 2 unreadable (e.g. truncated.jpg), "
-                       "1 too large (e.g. huge.png); metadata: 1 non-UTF-8 lines re-decoded, "
-                       "1 repeated file names (first kept); converted 1 grayscale, 1 CMYK, 1 alpha, 1 palette, "
-                       "1 16-bit, 1 EXIF-rotated, 1 upscaled")
+    assert summary == (
+        "data: 9 images written; skipped 1 missing (e.g. gone.png), 2 unreadable (e.g. truncated.jpg), "
+        "1 too large (e.g. huge.png); metadata: 1 non-UTF-8 lines re-decoded, "
+        "1 repeated file names (first kept); converted 1 grayscale, 1 CMYK, 1 alpha, 1 palette, "
+        "1 16-bit, 1 EXIF-rotated, 1 upscaled"
+    )
     rows = by_source(tmp_path / "out")
     assert rows["rgb.jpg"][1]["text"] == "image rgb.jpg"  # the first of the repeated rows
     assert rows["café.png"][1]["text"] == "café au lait"
@@ -90,7 +115,7 @@ def test_each_awkward_kind_is_handled_and_counted_in_one_line(tmp_path, caplog):
     cmyk = rows["cmyk.jpg"][0].reshape(-1, 3).mean(0)
     assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60
     rotated = rows["rotated.jpg"][0].astype(int)
-    top, bottom = rotated[: SIZE // 2 - 2].mean((0, 1)), rotated[SIZE // 2 + 2:].mean((0, 1))
+    top, bottom = rotated[: SIZE // 2 - 2].mean((0, 1)), rotated[SIZE // 2 + 2 :].mean((0, 1))
     assert top[0] > 200 and bottom[0] < 60  # red on top: the EXIF rotation was applied
 
 
@@ -135,8 +160,10 @@ def oxford_folder(root, names: bool = True):
     for i, label in enumerate(labels, start=1):
         Image.new("RGB", (50 + i, 40), colours[label - 1]).save(root / "jpg" / f"image_{i:05d}.jpg")
     savemat(root / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
-    savemat(root / "setid.mat", {"trnid": np.array([[1, 2, 3, 4]]), "valid": np.array([[5, 6, 7]]),
-                                 "tstid": np.array([[8, 9, 10, 11, 12]])})
+    savemat(
+        root / "setid.mat",
+        {"trnid": np.array([[1, 2, 3, 4]]), "valid": np.array([[5, 6, 7]]), "tstid": np.array([[8, 9, 10, 11, 12]])},
+    )
     if names:
         (root / "cat_to_name.json").write_text(json.dumps({"1": "pink primrose", "2": "sunflower", "3": "moon orchid"}))
     return root
@@ -149,8 +176,12 @@ def test_oxford102_layout_becomes_an_imagefolder_with_the_official_split(tmp_pat
     assert counts == {"train": 4, "val": 3, "test": 5}
     train = read_metadata(tmp_path / "out" / "train")
     assert [r.meta["source"] for r in train] == [f"jpg/image_{i:05d}.jpg" for i in (1, 2, 3, 4)]
-    assert [r.text for r in train] == ["a photo of a pink primrose", "a photo of a sunflower", "a photo of a moon orchid",
-                                       "a photo of a pink primrose"]
+    assert [r.text for r in train] == [
+        "a photo of a pink primrose",
+        "a photo of a sunflower",
+        "a photo of a moon orchid",
+        "a photo of a pink primrose",
+    ]
     assert [r.meta["class_id"] for r in read_metadata(tmp_path / "out" / "test")] == [2, 3, 1, 2, 3]
 
 

@@ -22,7 +22,8 @@ from onnx import TensorProto
 from blossom.backends import load_backend
 from blossom.cpu import auto_precision, has_vnni, vector_features
 from blossom.errors import ModelError
-from blossom.quantize import INT8_FILES, WEIGHT_LIMIT, int8_operand_ranges, saturates_without_vnni
+from blossom.layout import INT8_FILES
+from blossom.quantize import WEIGHT_LIMIT, int8_operand_ranges, saturates_without_vnni
 
 # Runs the fp32 and int8 UNet graphs on recorded inputs with ONNX Runtime alone (no torch, so it
 # starts quickly under emulation) and prints each int8 graph's output SNR against fp32, in dB.
@@ -62,11 +63,18 @@ def full_range(micro_exported, tmp_path_factory):
     import onnx
 
     source = folder / "onnx" / "unet.onnx"
-    quantize_static(str(source), str(folder / "onnx" / INT8_FILES["unet"]), _Reader(feeds),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_quantize=nodes_to_quantize(onnx.load(str(source), load_external_data=False).graph),
-                    use_external_data_format=True)
+    quantize_static(
+        str(source),
+        str(folder / "onnx" / INT8_FILES["unet"]),
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_quantize=nodes_to_quantize(onnx.load(str(source), load_external_data=False).graph),
+        use_external_data_format=True,
+    )
     np.savez(folder / "feeds.npz", **feeds[len(feeds) // 2])  # a mid-trajectory UNet input
     return folder
 
@@ -89,8 +97,10 @@ def test_int8_is_as_right_on_an_avx2_cpu_as_here(micro_exported, full_range):
     fp32, feeds = out / "onnx" / "unet.onnx", full_range / "feeds.npz"
     here = _snr(graphs, fp32, feeds, emulate=False)
     avx2 = _snr(graphs, fp32, feeds, emulate=True)
-    print(f"UNet output SNR vs fp32, dB: 7-bit here {here[0]:.2f}, emulated AVX2 {avx2[0]:.2f}; "
-          f"full-range here {here[1]:.2f}, emulated AVX2 {avx2[1]:.2f}")
+    print(
+        f"UNet output SNR vs fp32, dB: 7-bit here {here[0]:.2f}, emulated AVX2 {avx2[0]:.2f}; "
+        f"full-range here {here[1]:.2f}, emulated AVX2 {avx2[1]:.2f}"
+    )
     ours_here, ours_avx2 = here[0], avx2[0]
     old_here, old_avx2 = here[1], avx2[1]
     assert ours_here > 20 and abs(ours_avx2 - ours_here) < 1.0, (here, avx2)
@@ -111,7 +121,9 @@ def test_auto_precision_picks_int8_only_with_vnni_and_int8_graphs(micro_exported
     avx2 = frozenset({"avx2", "fma"})
     avx512_vnni = frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})
     assert auto_precision(True, avx2)[0] == "fp32"
-    assert auto_precision(True, frozenset({"avx2", "fma", "avx_vnni"}))[0] == ("int8" if platform.machine() == "x86_64" else "fp32")
+    assert auto_precision(True, frozenset({"avx2", "fma", "avx_vnni"}))[0] == (
+        "int8" if platform.machine() == "x86_64" else "fp32"
+    )
     assert auto_precision(True, avx512_vnni)[0] == ("int8" if platform.machine() == "x86_64" else "fp32")
     assert auto_precision(False, avx512_vnni) == ("fp32", "the model has no int8 graphs")
     assert vector_features(avx512_vnni) == ["avx2", "fma", "avx512f", "avx512_vnni"]

@@ -6,15 +6,25 @@ import json
 import math
 
 import pytest
+from conftest import PARAMS
 
 from blossom.config import load_config
 
-from conftest import PARAMS
-
 # The presets' architectures as they are; only the amount of data and work is cut.
-FEW = ["data.train_size=8", "data.val_size=4", "vae.steps=2", "vae.batch_size=2", "train.steps=2",
-       "train.batch_size=2", "train.warmup_steps=1", "train.val_every=2", "train.log_every=1",
-       "train.checkpoint_every=2", "train.keep_checkpoints=1", "evaluate.batch_size=2"]
+FEW = [
+    "data.train_size=8",
+    "data.val_size=4",
+    "vae.steps=2",
+    "vae.batch_size=2",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.warmup_steps=1",
+    "train.val_every=2",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=1",
+    "evaluate.batch_size=2",
+]
 
 
 @pytest.mark.slow
@@ -22,7 +32,7 @@ FEW = ["data.train_size=8", "data.val_size=4", "vae.steps=2", "vae.batch_size=2"
 def test_preset_trains_a_few_steps(preset, latent, unet_millions, tmp_path):
     from blossom.cli import Paths
     from blossom.data.cache import build_cache
-    from blossom.data.folder import make_dataset
+    from blossom.data.sources import make_dataset
     from blossom.models import load_text_encoder, load_vae
     from blossom.train.autoencoder import train_vae
     from blossom.train.diffusion import train_diffusion
@@ -31,8 +41,14 @@ def test_preset_trains_a_few_steps(preset, latent, unet_millions, tmp_path):
     paths = Paths(cfg.out)
     make_dataset(cfg.data, paths.data)
     train_vae(cfg, paths.data, paths.vae)
-    info = build_cache(paths.data, paths.cache, load_vae(paths.vae), load_text_encoder(cfg.text), cfg.data.image_size,
-                       flip=cfg.data.random_flip)
+    info = build_cache(
+        paths.data,
+        paths.cache,
+        load_vae(paths.vae),
+        load_text_encoder(cfg.text),
+        cfg.data.image_size,
+        flip=cfg.data.random_flip,
+    )
     assert tuple(info["latent_shape"]) == (4, latent, latent)
     result = train_diffusion(cfg, paths.cache, paths.vae, paths.train)
     assert result["steps"] == 2 and math.isfinite(result["val_loss"])

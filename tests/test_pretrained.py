@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO, PARAMS
 from PIL import Image
 
 from blossom.config import load_config
 from blossom.errors import BlossomError, DataError, ModelError
-from conftest import MICRO, PARAMS
 
 SCALING = 0.37  # not SD's 0.18215 nor 1.0: proves the factor is read from the VAE's own config
 CLIP_WIDTH = 32  # not MiniLM's 384: the UNet's cross-attention must follow the encoder
@@ -28,17 +28,32 @@ def tiny_parts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, scaling_factor=SCALING)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=SCALING,
+    )
     vae.save_pretrained(root / "vae")
     chars = list("abcdefghijklmnopqrstuvwxyz")
     vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *[c + "</w>" for c in chars]])}
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), pad_token="<|endoftext|>")
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=CLIP_WIDTH, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     CLIPTextModel(config).save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
     return root / "vae", root / "clip"

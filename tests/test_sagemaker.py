@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import MICRO, PARAMS
 from servers import free_port
 
@@ -19,31 +18,55 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def blossom(*args, env=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "blossom.cli", "--params", str(PARAMS), *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "blossom.cli", "--params", str(PARAMS), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_dry_run_prints_the_job_from_params():
-    res = blossom("--preset", "flowers128", "--set", "sagemaker.instance_count=4", "--set",
-                  "sagemaker.checkpoint_s3_uri=s3://bucket/ckpt", "--set", "train.steps=7", "sagemaker", "--dry-run")
+    res = blossom(
+        "--preset",
+        "flowers128",
+        "--set",
+        "sagemaker.instance_count=4",
+        "--set",
+        "sagemaker.checkpoint_s3_uri=s3://bucket/ckpt",
+        "--set",
+        "train.steps=7",
+        "sagemaker",
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr
     job = json.loads(res.stdout)
     assert job["instance_count"] == 4 and job["distribution"] == {"torch_distributed": {"enabled": True}}
     assert job["use_spot_instances"] and job["max_wait"] >= job["max_run"] > 0
     assert job["checkpoint_s3_uri"] == "s3://bucket/ckpt" and job["checkpoint_local_path"] == "/opt/ml/checkpoints"
-    assert job["hyperparameters"] == {"preset": "flowers128",
-                                      "overrides": "sagemaker.instance_count=4 sagemaker.checkpoint_s3_uri=s3://bucket/ckpt train.steps=7"}
+    assert job["hyperparameters"] == {
+        "preset": "flowers128",
+        "overrides": "sagemaker.instance_count=4 sagemaker.checkpoint_s3_uri=s3://bucket/ckpt train.steps=7",
+    }
     # Outputs live in the synced checkpoint folder, so a restarted spot job finds `latest` there.
     assert job["environment"]["BLOSSOM_OUTPUTS"].startswith("/opt/ml/checkpoints/")
     assert "sagemaker.role" in res.stderr  # what is still missing to submit
 
 
-@pytest.mark.parametrize("sets, env, message", [
-    ([], {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "set sagemaker.role"),
-    (["sagemaker.role=arn:aws:iam::1:role/r", "sagemaker.checkpoint_s3_uri=s3://b/c"], {}, "no AWS credentials"),
-    (["sagemaker.role=arn:aws:iam::1:role/r", "sagemaker.checkpoint_s3_uri=s3://b/c"], {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"},
-     "pip install 'blossom[sagemaker]'"),
-])
+@pytest.mark.parametrize(
+    "sets, env, message",
+    [
+        ([], {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "set sagemaker.role"),
+        (["sagemaker.role=arn:aws:iam::1:role/r", "sagemaker.checkpoint_s3_uri=s3://b/c"], {}, "no AWS credentials"),
+        (
+            ["sagemaker.role=arn:aws:iam::1:role/r", "sagemaker.checkpoint_s3_uri=s3://b/c"],
+            {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"},
+            "pip install 'blossom[sagemaker]'",
+        ),
+    ],
+)
 def test_submit_refuses_in_one_line(sets, env, message):
     res = blossom(*[a for s in sets for a in ("--set", s)], "sagemaker", env=env)
     assert res.returncode == 2 and message in res.stderr
@@ -59,8 +82,20 @@ def test_entry_point_prepares_once_per_machine_trains_and_writes_the_model(tmp_p
     outputs, model_dir = tmp_path / "checkpoints" / "outputs", tmp_path / "model"
     env = os.environ | {"BLOSSOM_OUTPUTS": str(outputs), "SM_MODEL_DIR": str(model_dir)}
     overrides = shlex.join([*MICRO, "train.steps=4"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(code / "sagemaker_entry.py"), "--overrides", overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(code / "sagemaker_entry.py"),
+        "--overrides",
+        overrides,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("cache: ") == 1  # one process per machine prepared; the other waited

@@ -60,3 +60,22 @@ def test_bf16_backend_stays_close_to_fp32(backend):
     assert half.unet_model.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits (0.4 % per value): over a few steps pixels move a few 8-bit levels, no more.
     assert np.abs(a - b).mean() < 4 and not np.array_equal(a, b)
+
+
+def test_tokenizing_from_many_threads_always_pads(micro_cfg):
+    """The web app tokenizes for many visitors at once; a fast tokenizer's padding settings are
+    shared state (found by the 16-session browser test: an unpadded batch reached ONNX Runtime)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blossom.models import count_tokens, load_text_encoder, tokenize
+
+    tokenizer, n = load_text_encoder(micro_cfg.text).tokenizer, micro_cfg.text.max_tokens
+
+    def work(i: int) -> set:
+        if i % 2:  # the page counts a prompt's tokens while other visitors' prompts are encoded
+            return {n if count_tokens(tokenizer, "a red flower") < n else -1 for _ in range(500)}
+        return {tokenize(tokenizer, ["a red flower"], n)["input_ids"].shape[1] for _ in range(500)}
+
+    with ThreadPoolExecutor(8) as pool:
+        widths = set().union(*pool.map(work, range(16)))
+    assert widths == {n}

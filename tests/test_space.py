@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from streamlit.testing.v1 import AppTest
-
 from conftest import PARAMS
+from streamlit.testing.v1 import AppTest
 
 ROOT = PARAMS.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "deploy-space.yml"
@@ -17,8 +16,12 @@ WORKFLOW = ROOT / ".github" / "workflows" / "deploy-space.yml"
 
 def test_workflow_is_valid_against_the_github_workflow_schema():
     checker = Path(sys.executable).parent / "check-jsonschema"
-    res = subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -31,8 +34,12 @@ def test_workflow_deploys_on_push_to_main_with_secrets_from_the_repository():
 
 
 def stage(tmp_path: Path) -> Path:
-    res = subprocess.run([sys.executable, str(ROOT / "space" / "stage.py"), str(tmp_path / "space")],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "space" / "stage.py"), str(tmp_path / "space")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(res.stdout.strip())
 
 
@@ -43,8 +50,7 @@ def test_staged_space_has_streamlit_front_matter_and_its_app_file(tmp_path):
     assert (space / "src" / "blossom" / "webapp.py").exists() and not list(space.rglob("__pycache__"))
     assert "onnxruntime" in (space / "requirements.txt").read_text()
     # app.py's own path setup finds the staged package, not an installed one
-    code = (
-        "import sys; sys.path.insert(0, 'src'); import blossom.webapp; print(blossom.webapp.__file__)")
+    code = "import sys; sys.path.insert(0, 'src'); import blossom.webapp; print(blossom.webapp.__file__)"
     where = subprocess.run([sys.executable, "-c", code], cwd=space, capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(space)
 

@@ -42,6 +42,8 @@ def test_petal_colour_dominates_the_flower_region():
         yy, xx = np.mgrid[:64, :64]
         d = np.hypot(xx + 0.5 - f.cx * 64, yy + 0.5 - f.cy * 64)
         ring = arr[(d > 0.3 * r) & (d < 0.45 * r)]
-        near = {k: int((np.linalg.norm(ring - np.array(v), axis=1) < 40).sum()) for k, v in synthetic.PETAL_COLORS.items()}
+        near = {
+            k: int((np.linalg.norm(ring - np.array(v), axis=1) < 40).sum()) for k, v in synthetic.PETAL_COLORS.items()
+        }
         nearest = max(near, key=near.get)
         assert nearest == f.petal_color, (i, f)

@@ -14,7 +14,9 @@ from blossom.train.diffusion import train_diffusion
 def trained(micro_prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     cfg, paths = micro_prepared
-    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    cfg = dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    )
     out = tmp_path / "train"
     train_diffusion(cfg, paths.cache, paths.vae, out)
     return cfg, out, tmp_path
@@ -98,9 +100,20 @@ def mlflow_server(tmp_path):
     from servers import free_port, http_ok, process_group
 
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ]
     url = f"http://127.0.0.1:{port}"
     with process_group(cmd, tmp_path / "server.log", http_ok(f"{url}/health")):
         yield url
@@ -108,10 +121,10 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_logging_and_promotion_through_a_real_mlflow_server(trained, mlflow_server, monkeypatch):
+    from conftest import MICRO, PARAMS
     from mlflow import MlflowClient
 
     from blossom.config import load_config
-    from conftest import MICRO, PARAMS
 
     _, train_dir, tmp = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -13,7 +13,11 @@ def test_cache_round_trip(micro_prepared):
     info = json.loads((paths.cache / "index.json").read_text())
     train = load_cache(paths.cache, "train")
     assert train["latents"].shape == (cfg.data.train_size, 4, 8, 8)
-    assert train["text"].shape == (cfg.data.train_size, cfg.text.max_tokens, 384) == (info["splits"]["train"]["count"], 16, 384)
+    assert (
+        train["text"].shape
+        == (cfg.data.train_size, cfg.text.max_tokens, 384)
+        == (info["splits"]["train"]["count"], 16, 384)
+    )
     assert train["null_text"].shape == (1, 16, 384)
     # Latents are scaled to roughly unit variance by the VAE's scaling factor.
     assert 0.5 < train["latents"].std().item() < 2.0
@@ -97,3 +101,35 @@ def test_random_flip_trains_on_cached_mirror_latents(micro_prepared, tmp_path):
     a = load_file(tmp_path / "flip" / "checkpoints" / "step-000004" / "model.safetensors")
     b = load_file(tmp_path / "plain" / "checkpoints" / "step-000004" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(micro_prepared, tmp_path, caplog):
+    """A truncated latest checkpoint (a torn copy, a full disk) is found by its manifest; `auto`
+    resumes from the newest intact one, says so, and still ends equal to an uninterrupted run."""
+    import logging
+
+    import pytest
+
+    from blossom.errors import BlossomError
+
+    cfg, paths = micro_prepared
+    full = tmp_path / "full"
+    train_diffusion(cfg, paths.cache, paths.vae, full)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full / "checkpoints", damaged / "checkpoints")
+    shutil.copy2(full / "stats.jsonl", damaged / "stats.jsonl")
+    weights = damaged / "checkpoints" / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BlossomError, match=r"step-000004 is damaged \(model.safetensors has 1000 bytes"):
+        train_diffusion(cfg, paths.cache, paths.vae, damaged, resume=str(damaged / "checkpoints" / "step-000004"))
+    assert not (damaged / "config.yaml").exists()  # a failed resume writes nothing
+    with caplog.at_level(logging.WARNING):
+        train_diffusion(cfg, paths.cache, paths.vae, damaged, resume="auto")
+    assert "step-000004 is damaged" in caplog.text and "resuming from step-000002" in caplog.text
+    a = load_file(full / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(damaged / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # every file of both checkpoints is intact again, and nothing but its manifest vouches for it
+    from blossom.train.checkpoint import damage
+
+    assert [damage(p) for p in sorted((damaged / "checkpoints").glob("step-*"))] == [None, None]

@@ -1,10 +1,5 @@
-"""Inference backends behind one small interface (see sampling.Backend): PyTorch and ONNX Runtime.
-
-A model folder holds what inference needs, in diffusers' sub-folder names: `unet/` and `vae/`
-(diffusers models), `scheduler/scheduler_config.json` (the noise schedule) and `blossom.json`
-(text encoder and token length). An exported folder (`blossom export`) adds `text_encoder/` and
-`tokenizer/` (a diffusers pipeline folder) and `onnx/`, which the ONNX Runtime backend needs.
-"""
+"""Inference backends behind one small interface (see sampling.Backend): PyTorch and ONNX Runtime,
+over a model folder (layout.py says what it holds)."""
 
 from __future__ import annotations
 
@@ -18,12 +13,8 @@ import torch
 from blossom.config import TextConfig
 from blossom.errors import BlossomError, ModelError
 from blossom.images import to_uint8
+from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, model_files_missing, unet_feed
 from blossom.models import load_text_encoder, load_vae, tokenize
-
-
-def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
-    needed = needed or ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
-    return [n for n in needed if not (folder / n).exists()]
 
 
 def check_finished(folder: Path) -> None:
@@ -31,8 +22,10 @@ def check_finished(folder: Path) -> None:
     from blossom.fsutil import unfinished
 
     if unfinished(Path(folder).resolve()):
-        raise ModelError(f"{folder} is the temp folder of a build that never finished, not a model: run the stage "
-                         "again (it removes such folders) and pass the folder it writes")
+        raise ModelError(
+            f"{folder} is the temp folder of a build that never finished, not a model: run the stage "
+            "again (it removes such folders) and pass the folder it writes"
+        )
 
 
 def _check_folder(folder: Path, needed: list[str] | None = None) -> None:
@@ -40,8 +33,10 @@ def _check_folder(folder: Path, needed: list[str] | None = None) -> None:
         raise ModelError(f"no model at {folder}: run `make run` (or `dvc repro`) to train one, or pass --model")
     missing = model_files_missing(folder, needed)
     if missing:
-        raise ModelError(f"{folder} is not a complete blossom model (missing {', '.join(missing)}): "
-                         "train one with `dvc repro`, or export it again with `blossom export`")
+        raise ModelError(
+            f"{folder} is not a complete blossom model (missing {', '.join(missing)}): "
+            "train one with `dvc repro`, or export it again with `blossom export`"
+        )
 
 
 def physical_cores() -> int:
@@ -64,7 +59,11 @@ class TorchBackend:
             self.info = json.loads((folder / "blossom.json").read_text())
             text = TextConfig(**self.info["text"])
             tokenizer = None
-            if not Path(text.encoder).is_absolute() and (folder / text.encoder).is_dir() and (folder / "tokenizer").is_dir():
+            if (
+                not Path(text.encoder).is_absolute()
+                and (folder / text.encoder).is_dir()
+                and (folder / "tokenizer").is_dir()
+            ):
                 # an exported folder carries its own encoder and tokenizer
                 text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
             self.text_encoder = load_text_encoder(text, tokenizer)
@@ -73,10 +72,14 @@ class TorchBackend:
             self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         except BlossomError:
             raise
-        except Exception as e:  # truncated weights, a damaged JSON: diffusers, safetensors and json fail each their own way
+        except (
+            Exception
+        ) as e:  # truncated weights, a damaged JSON: diffusers, safetensors and json fail each their own way
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise ModelError(f"cannot load the model at {folder} ({type(e).__name__}: {first}): its files are damaged; "
-                             "train or export it again") from None
+            raise ModelError(
+                f"cannot load the model at {folder} ({type(e).__name__}: {first}): its files are damaged; "
+                "train or export it again"
+            ) from None
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
 
@@ -122,13 +125,9 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load the ONNX model {path} ({first}): export it again with `blossom export`") from None
-
-
-def unet_feed(latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
-    """The exported UNet's inputs by name: float32 arrays, one timestep per row."""
-    return {"sample": latents.float().numpy(), "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
-            "encoder_hidden_states": text.float().numpy()}
+        raise ModelError(
+            f"cannot load the ONNX model {path} ({first}): export it again with `blossom export`"
+        ) from None
 
 
 class OnnxBackend:
@@ -140,13 +139,18 @@ class OnnxBackend:
     def __init__(self, folder: str | Path, threads: int | None = None, precision: str = "fp32"):
         from transformers import AutoTokenizer
 
-        from blossom.export import ONNX_FILES
-        from blossom.quantize import INT8_FILES
-
         folder = Path(folder)
         files = {**ONNX_FILES, **INT8_FILES} if precision == "int8" else ONNX_FILES
-        _check_folder(folder, ["blossom.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer",
-                               *[f"onnx/{f}" for f in files.values()]])
+        _check_folder(
+            folder,
+            [
+                "blossom.json",
+                "unet/config.json",
+                "scheduler/scheduler_config.json",
+                "tokenizer",
+                *[f"onnx/{f}" for f in files.values()],
+            ],
+        )
         if precision == "int8":
             _check_int8_runs_here(folder)
         self.info = json.loads((folder / "blossom.json").read_text())
@@ -184,8 +188,10 @@ class OnnxBackend:
 
     def decode_float(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
         session = self.sessions["vae_decoder"]  # batches of a fixed size bound its memory
-        parts = [session.run(None, {"latents": latents[i : i + batch].float().numpy()})[0]
-                 for i in range(0, len(latents), batch)]
+        parts = [
+            session.run(None, {"latents": latents[i : i + batch].float().numpy()})[0]
+            for i in range(0, len(latents), batch)
+        ]
         return torch.from_numpy(np.concatenate(parts))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -196,19 +202,15 @@ def _check_int8_runs_here(folder: Path) -> None:
     """Refuse int8 graphs that saturate on this CPU (full-range weights from an older export, on a
     CPU without VNNI) instead of drawing wrong images."""
     from blossom.cpu import has_vnni
-    from blossom.quantize import INT8_FILES, saturates_without_vnni
+    from blossom.quantize import saturates_without_vnni
 
     if has_vnni():
         return
     if any(saturates_without_vnni(folder / "onnx" / f) for f in INT8_FILES.values()):
-        raise ModelError(f"{folder}'s int8 graphs use 8-bit weights, which overflow on CPUs without VNNI like "
-                         "this one: export the model again with `blossom export`, or use --precision fp32")
-
-
-def has_int8(folder: str | Path) -> bool:
-    from blossom.quantize import INT8_FILES
-
-    return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
+        raise ModelError(
+            f"{folder}'s int8 graphs use 8-bit weights, which overflow on CPUs without VNNI like "
+            "this one: export the model again with `blossom export`, or use --precision fp32"
+        )
 
 
 PRECISIONS = {"torch": ("fp32", "bf16", "auto"), "onnx": ("fp32", "int8", "auto")}

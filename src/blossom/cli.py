@@ -71,7 +71,7 @@ def vae_dir(cfg: Config, paths: Paths) -> Path:
 
 
 def cmd_data(cfg: Config, paths: Paths, args) -> None:
-    from blossom.data.folder import make_dataset
+    from blossom.data.sources import make_dataset
 
     if args.source:
         cfg.data.source = args.source
@@ -104,8 +104,15 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
 
     encoder = load_text_encoder(cfg.text)
     check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
-    info = build_cache(paths.data, paths.cache, load_vae(vae_dir(cfg, paths)), encoder, cfg.data.image_size, cfg.text.encoder,
-                       flip=cfg.data.random_flip)
+    info = build_cache(
+        paths.data,
+        paths.cache,
+        load_vae(vae_dir(cfg, paths)),
+        encoder,
+        cfg.data.image_size,
+        cfg.text.encoder,
+        flip=cfg.data.random_flip,
+    )
     save_config(cfg, paths.cache / "config.yaml")
     print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
 
@@ -124,18 +131,21 @@ def cmd_caption(cfg: Config, paths: Paths, args) -> dict:
     from transformers import AutoTokenizer
 
     from blossom.data.captions import caption_folder, captions_file
-    from blossom.models import text_encoder_path
+    from blossom.models import count_tokens, text_encoder_path
 
     folder = args.folder or cfg.data.path
     if not folder:
         raise BlossomError("no folder to caption: pass one, e.g. blossom caption my_images/, or set data.path")
     out = captions_file(paths.root / "captions", Path(folder))
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(cfg.text.encoder))
-    counts = caption_folder(Path(folder), cfg.caption, lambda t: len(tokenizer(t)["input_ids"]), cfg.text.max_tokens,
-                            out=out)
-    print(f"caption: {counts['captioned']} captioned ({cfg.caption.backend}), {counts['kept']} already had one, "
-          f"{counts['failed']} failed, {counts['too_long']} longer than {cfg.text.max_tokens} tokens -> {out} "
-          f"({folder} is left as it was; `blossom data --path {folder}` uses these captions)")
+    counts = caption_folder(
+        Path(folder), cfg.caption, lambda t: count_tokens(tokenizer, t), cfg.text.max_tokens, out=out
+    )
+    print(
+        f"caption: {counts['captioned']} captioned ({cfg.caption.backend}), {counts['kept']} already had one, "
+        f"{counts['failed']} failed, {counts['too_long']} longer than {cfg.text.max_tokens} tokens -> {out} "
+        f"({folder} is left as it was; `blossom data --path {folder}` uses these captions)"
+    )
     return counts
 
 
@@ -188,7 +198,9 @@ def cmd_promote(cfg: Config, paths: Paths, args) -> dict:
     candidate = log_training_run(cfg, paths.train, paths.eval)
     result = promote(cfg, candidate, paths.champion)
     verdict = "promoted to champion" if result["promoted"] else f"kept champion version {result['version']}"
-    print(f"promote: version {candidate['version']} (val loss {candidate['val_loss']:.5f}) {verdict} -> {paths.champion}")
+    print(
+        f"promote: version {candidate['version']} (val loss {candidate['val_loss']:.5f}) {verdict} -> {paths.champion}"
+    )
     return result
 
 
@@ -198,7 +210,9 @@ def calibration_captions(folder: Path) -> list[str] | None:
     from blossom.quantize import CALIBRATION_CAPTIONS
 
     if not (folder / "metadata.jsonl").exists():
-        log.warning("no captions at %s to calibrate int8 with: int8 graphs not written (pass --calibration FOLDER)", folder)
+        log.warning(
+            "no captions at %s to calibrate int8 with: int8 graphs not written (pass --calibration FOLDER)", folder
+        )
         return None
     return [r.text for r in read_metadata(folder)[:CALIBRATION_CAPTIONS]]
 
@@ -209,10 +223,19 @@ def cmd_export(cfg: Config, paths: Paths, args) -> dict:
     source = Path(args.model) if args.model else paths.champion
     calibration = calibration_captions(Path(args.calibration) if args.calibration else paths.data / "val")
     diffs = export(source, paths.export, calibration, (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
+    import json
+
     psnr = diffs.pop("image_int8_psnr_db", None)
-    print(f"export: diffusers pipeline + ONNX -> {paths.export}; ONNX vs PyTorch max abs diff: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-          + (f"; int8 image vs fp32: {psnr:.1f} dB PSNR" if psnr is not None else "; no int8 (no calibration captions)"))
+    int8 = "; no int8 (no calibration captions)"
+    if psnr is not None:
+        decided = json.loads((paths.export / "onnx" / "int8.json").read_text())
+        block = f", {decided['fp32_block']} kept in fp32" if decided["fp32_block"] else ""
+        int8 = f"; int8 image vs fp32: {psnr:.1f} dB PSNR{block}" + ("" if decided["written"] else " (not written)")
+    print(
+        f"export: diffusers pipeline + ONNX -> {paths.export}; ONNX vs PyTorch max abs diff: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+        + int8
+    )
     return diffs
 
 
@@ -227,7 +250,9 @@ def cmd_publish(cfg: Config, paths: Paths, args) -> dict:
     if result["target"] == "hub":
         print(f"publish: uploaded to {result['repo_id']} ({result['url']}); local copy {result['path']}")
     else:
-        print(f"publish: local folder {result['path']} ({result['reason']}; set publish.repo_id and HF_TOKEN for the Hub)")
+        print(
+            f"publish: local folder {result['path']} ({result['reason']}; set publish.repo_id and HF_TOKEN for the Hub)"
+        )
     return result
 
 
@@ -243,9 +268,23 @@ def cmd_app(cfg: Config, paths: Paths, args) -> None:
     env = {**os.environ, "BLOSSOM_OUTPUTS": str(paths.root)}
     if args.model:
         env["BLOSSOM_MODEL"] = args.model
-    cmd = [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("app_entry.py")),
-           "--server.address", args.address, "--server.port", str(args.port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(Path(__file__).with_name("app_entry.py")),
+        "--server.address",
+        args.address,
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     print(f"app: http://{args.address}:{args.port}", flush=True)
     server = subprocess.Popen(cmd, env=env)
 
@@ -294,8 +333,10 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     if not args.prompt.strip():
         raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
     if len(args.prompt) > MAX_PROMPT_CHARS:
-        raise BlossomError(f"the prompt is {len(args.prompt)} characters, above the limit of {MAX_PROMPT_CHARS} "
-                           "(the text encoder reads only its first tokens anyway): shorten it")
+        raise BlossomError(
+            f"the prompt is {len(args.prompt)} characters, above the limit of {MAX_PROMPT_CHARS} "
+            "(the text encoder reads only its first tokens anyway): shorten it"
+        )
     if not 1 <= args.n <= MAX_IMAGES_PER_CALL:
         raise BlossomError(f"--n must be from 1 to {MAX_IMAGES_PER_CALL} images per call, got {args.n}")
     sampler = args.sampler or cfg.sample.sampler
@@ -330,9 +371,16 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
 
     timings = {}
     stage_args = argparse.Namespace(source=None, path=None, resume=None, model=None, calibration=None)
-    for name, fn in (("data", cmd_data), ("train-vae", cmd_train_vae), ("cache", cmd_cache), ("train", cmd_train),
-                     ("evaluate", cmd_evaluate), ("promote", cmd_promote), ("export", cmd_export),
-                     ("publish", cmd_publish)):
+    for name, fn in (
+        ("data", cmd_data),
+        ("train-vae", cmd_train_vae),
+        ("cache", cmd_cache),
+        ("train", cmd_train),
+        ("evaluate", cmd_evaluate),
+        ("promote", cmd_promote),
+        ("export", cmd_export),
+        ("publish", cmd_publish),
+    ):
         start = time.time()
         print(f"== {name}", flush=True)
         fn(cfg, paths, stage_args)
@@ -365,6 +413,15 @@ def cmd_sagemaker(cfg: Config, paths: Paths, args) -> dict:
     return job
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blossom")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line (the problem and where help is), exit status 2, like every blossom error;
     no abbreviated options (a typo like --resum must not silently mean --resume)."""
@@ -380,38 +437,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="blossom", description="Text-to-image latent diffusion, from data to a served model.")
     p.add_argument("--params", help="params file (default: ./params.yaml, else built-in defaults)")
     p.add_argument("--preset", help="a preset from params.yaml (default: its 'preset' key, tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=200")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=200"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"blossom {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    sub_parsers = sub.choices
 
     s = sub.add_parser("data", help="write the data set (procedural flowers, or your image folder)")
     s.add_argument("--source", choices=["synthetic", "folder", "oxford102"])
-    s.add_argument("--path", help="an image folder with metadata.jsonl (implies --source folder unless given), "
-                                  "or the Oxford 102 folder with --source oxford102")
+    s.add_argument(
+        "--path",
+        help="an image folder with metadata.jsonl (implies --source folder unless given), "
+        "or the Oxford 102 folder with --source oxford102",
+    )
     s.set_defaults(fn=cmd_data)
     s = sub.add_parser("caption", help="caption the images in a folder that have no caption (resumable)")
-    s.add_argument("folder", nargs="?", help="an image folder (default: data.path), only read; its metadata with the "
-                                            "new captions goes to outputs/captions/")
+    s.add_argument(
+        "folder",
+        nargs="?",
+        help="an image folder (default: data.path), only read; its metadata with the "
+        "new captions goes to outputs/captions/",
+    )
     s.set_defaults(fn=cmd_caption)
     sub.add_parser("push-data", help="push the data set to the DVC remote (remote.url)").set_defaults(fn=cmd_push_data)
     sub.add_parser("pull-data", help="fetch the data set from the DVC remote into outputs/data").set_defaults(
-        fn=cmd_pull_data)
-    sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(fn=cmd_train_vae)
+        fn=cmd_pull_data
+    )
+    sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(
+        fn=cmd_train_vae
+    )
     sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
     s = sub.add_parser("train", help="train the diffusion UNet on the cache")
     s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
     sub.add_parser("classifier", help="train the attribute classifier that scores prompt adherence").set_defaults(
-        fn=cmd_classifier)
+        fn=cmd_classifier
+    )
     sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
-    sub.add_parser("promote", help="log the run to MLflow; promote it to champion if its val loss is better").set_defaults(
-        fn=cmd_promote)
+    sub.add_parser(
+        "promote", help="log the run to MLflow; promote it to champion if its val loss is better"
+    ).set_defaults(fn=cmd_promote)
     s = sub.add_parser("export", help="the champion as a diffusers pipeline folder and ONNX graphs, checked")
     s.add_argument("--model", help="model folder to export (default: outputs/champion)")
-    s.add_argument("--calibration", help="image folder whose captions calibrate the int8 graphs (default: outputs/data/val)")
+    s.add_argument(
+        "--calibration", help="image folder whose captions calibrate the int8 graphs (default: outputs/data/val)"
+    )
     s.set_defaults(fn=cmd_export)
-    sub.add_parser("publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/").set_defaults(
-        fn=cmd_publish)
+    sub.add_parser(
+        "publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/"
+    ).set_defaults(fn=cmd_publish)
     s = sub.add_parser("sagemaker", help="submit training as a SageMaker job (spot, multi-node, resumable)")
     s.add_argument("--dry-run", action="store_true", help="print the job definition; submit nothing")
     s.set_defaults(fn=cmd_sagemaker)
@@ -428,21 +504,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
     s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    s.add_argument("--precision", default="fp32",
-                   help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx); auto (onnx: int8 on CPUs "
-                        "with VNNI, fp32 elsewhere)")
+    s.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8", "auto"],
+        help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx); auto (onnx: int8 on CPUs "
+        "with VNNI, fp32 elsewhere)",
+    )
     s.add_argument("--model", help="model folder (default: outputs/export, else outputs/train/model)")
     s.add_argument("--out", default="outputs/generated")
     s.set_defaults(fn=cmd_generate)
     sub.add_parser("run", help="the whole job without DVC: data to publish").set_defaults(fn=cmd_run)
+    # The global options work after the sub-command too (blossom train --set train.steps=5); kept
+    # apart (sub_*) so both places combine instead of one replacing the other.
+    for s in sub_parsers.values():
+        g = s.add_argument_group("global options (also accepted before the command)")
+        g.add_argument("--params", dest="sub_params", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument("--preset", dest="sub_preset", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument(
+            "--set",
+            dest="sub_set",
+            action="append",
+            default=argparse.SUPPRESS,
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. train.steps=200",
+        )
+        g.add_argument(
+            "-v",
+            "--verbose",
+            dest="sub_verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow", "aiobotocore", "botocore", "onnx_ir",
-                  "onnxscript", "torch.onnx"):
+    args.set = [*args.set, *getattr(args, "sub_set", [])]
+    args.params = getattr(args, "sub_params", None) or args.params
+    args.preset = getattr(args, "sub_preset", None) or args.preset
+    args.verbose = args.verbose or getattr(args, "sub_verbose", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "filelock",
+        "alembic",
+        "mlflow",
+        "aiobotocore",
+        "botocore",
+        "onnx_ir",
+        "onnxscript",
+        "torch.onnx",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy.startswith(("onnx", "torch")) else logging.WARNING)
     try:
         cfg = load_config(args.params, args.preset, args.set)
@@ -454,14 +572,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blossom: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("blossom: interrupted; `blossom train --resume latest` continues training from the last checkpoint", file=sys.stderr)
+        print(
+            "blossom: interrupted; `blossom train --resume latest` continues training from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except OSError as e:  # the machine, not the input: a full disk, a vanished mount, a permission
         if args.verbose:
             raise
         where = f" ({e.filename})" if e.filename else ""
-        print(f"blossom: error: {e.strerror or e}{where}: free space or fix the path, then run the stage again "
-              "(earlier results are kept)", file=sys.stderr)
+        print(
+            f"blossom: error: {e.strerror or e}{where}: free space or fix the path, then run the stage again "
+            "(earlier results are kept)",
+            file=sys.stderr,
+        )
         return 1
     except MemoryError:
         print("blossom: error: out of memory: lower the batch size or image size (see params.yaml)", file=sys.stderr)
@@ -470,8 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"blossom: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback, and report it)",
-              file=sys.stderr)
+        print(
+            f"blossom: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback, and report it)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -64,9 +64,7 @@ class UNetConfig:
     down_block_types: list[str] = field(
         default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     )
-    up_block_types: list[str] = field(
-        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
-    )
+    up_block_types: list[str] = field(default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
     attention_head_dim: int = 8
     norm_num_groups: int = 32
     cross_attention_dim: int | None = None  # None: the text encoder's hidden size (a set value must equal it)
@@ -270,8 +268,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}): "
-                          "write lists like [1,2,3] and quote strings with special characters") from None
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}): "
+            "write lists like [1,2,3] and quote strings with special characters"
+        ) from None
 
 
 def load_config(
@@ -313,9 +313,17 @@ def load_config(
 # Upper limits, each a size or count whose excess would exhaust memory or run for days before
 # failing; presets and their GPU setups stay well inside them.
 LIMITS = {
-    "data.image_size": 2048, "data.train_size": 100_000_000, "data.val_size": 1_000_000, "vae.batch_size": 4096,
-    "train.batch_size": 65_536, "sample.steps": 1000, "text.max_tokens": 1024, "caption.batch_size": 4096,
-    "caption.max_new_tokens": 1024, "evaluate.images_per_prompt": 1000, "data.max_pixels": 2**31,
+    "data.image_size": 2048,
+    "data.train_size": 100_000_000,
+    "data.val_size": 1_000_000,
+    "vae.batch_size": 4096,
+    "train.batch_size": 65_536,
+    "sample.steps": 1000,
+    "text.max_tokens": 1024,
+    "caption.batch_size": 4096,
+    "caption.max_new_tokens": 1024,
+    "evaluate.images_per_prompt": 1000,
+    "data.max_pixels": 2**31,
 }
 
 
@@ -342,44 +350,71 @@ def validate(cfg: Config) -> None:
         if key.endswith(".seed") and isinstance(value, int) and not 0 <= value < 2**32:
             raise ConfigError(f"config key '{key}' must be from 0 to {2**32 - 1}, got {value}")
 
-    for key in ("data.image_size", "data.train_size", "data.val_size", "vae.steps", "vae.batch_size",
-                "train.steps", "train.batch_size", "train.lr", "sample.steps", "text.max_tokens",
-                "caption.batch_size", "caption.max_new_tokens"):
+    for key in (
+        "data.image_size",
+        "data.train_size",
+        "data.val_size",
+        "vae.steps",
+        "vae.batch_size",
+        "train.steps",
+        "train.batch_size",
+        "train.lr",
+        "sample.steps",
+        "text.max_tokens",
+        "caption.batch_size",
+        "caption.max_new_tokens",
+    ):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
     if cfg.data.source not in ("synthetic", "folder", "oxford102"):
         raise ConfigError(f"data.source must be 'synthetic', 'folder' or 'oxford102', got {cfg.data.source!r}")
     if cfg.data.source != "synthetic" and not cfg.data.path:
-        raise ConfigError(f"data.source is '{cfg.data.source}' but data.path is empty: set data.path to your image folder")
-    for key, value, allowed in (("data.resize", cfg.data.resize, ("crop", "squash", "pad")),
-                                ("data.small_images", cfg.data.small_images, ("upscale", "skip"))):
+        raise ConfigError(
+            f"data.source is '{cfg.data.source}' but data.path is empty: set data.path to your image folder"
+        )
+    for key, value, allowed in (
+        ("data.resize", cfg.data.resize, ("crop", "squash", "pad")),
+        ("data.small_images", cfg.data.small_images, ("upscale", "skip")),
+    ):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     # The Hub's repo id rules (namespace/name of letters, digits, '-', '_', '.'), which also keep the
     # local copy's folder name (outputs/hub/namespace--name) inside outputs/hub.
     repo = cfg.publish.repo_id
-    if repo is not None and (not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo)
-                             or ".." in repo or repo.endswith(".")):
-        raise ConfigError(f"publish.repo_id {repo!r} is not a Hub repo id: write it as namespace/name, e.g. "
-                          "you/blossom-flowers (letters, digits, '-', '_', '.')")
+    if repo is not None and (
+        not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo) or ".." in repo or repo.endswith(".")
+    ):
+        raise ConfigError(
+            f"publish.repo_id {repo!r} is not a Hub repo id: write it as namespace/name, e.g. "
+            "you/blossom-flowers (letters, digits, '-', '_', '.')"
+        )
     if cfg.caption.backend not in ("template", "florence2"):
         raise ConfigError(f"caption.backend must be 'template' or 'florence2', got {cfg.caption.backend!r}")
-    for key, value in (("remote.url", cfg.remote.url), ("remote.endpoint", cfg.remote.endpoint),
-                       ("tracking.uri", cfg.tracking.uri)):
+    for key, value in (
+        ("remote.url", cfg.remote.url),
+        ("remote.endpoint", cfg.remote.endpoint),
+        ("tracking.uri", cfg.tracking.uri),
+    ):
         if value and re.search(r"//[^/@\s]+:[^/@\s]*@", value) and not _from_env(key, value):
             raise ConfigError(f"{key} holds a password: remove it and put credentials in environment variables")
     if cfg.train.prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"train.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.train.prediction_type!r}")
+        raise ConfigError(
+            f"train.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.train.prediction_type!r}"
+        )
     if not 0 <= cfg.train.cfg_dropout < 1:
         raise ConfigError(f"train.cfg_dropout must be in [0, 1), got {cfg.train.cfg_dropout}")
     if len(cfg.unet.down_block_types) != len(cfg.unet.block_out_channels) or len(cfg.unet.up_block_types) != len(
         cfg.unet.block_out_channels
     ):
-        raise ConfigError("unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level")
+        raise ConfigError(
+            "unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level"
+        )
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
     down = 2 ** (len(cfg.vae.block_out_channels) - 1)
-    if not cfg.vae.pretrained and (cfg.data.image_size % down or cfg.vae.crop % down):  # a pretrained VAE is checked at cache time
+    if not cfg.vae.pretrained and (
+        cfg.data.image_size % down or cfg.vae.crop % down
+    ):  # a pretrained VAE is checked at cache time
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
 
 
@@ -400,8 +435,14 @@ def launch_env() -> LaunchEnv:
         return int(os.environ.get(name) or default)
 
     world = num("WORLD_SIZE", 1)
-    return LaunchEnv(num("RANK", 0), world, num("LOCAL_RANK", 0), num("LOCAL_WORLD_SIZE", world),
-                     num("TORCHELASTIC_RESTART_COUNT", 0), "LOCAL_RANK" in os.environ)
+    return LaunchEnv(
+        num("RANK", 0),
+        world,
+        num("LOCAL_RANK", 0),
+        num("LOCAL_WORLD_SIZE", world),
+        num("TORCHELASTIC_RESTART_COUNT", 0),
+        "LOCAL_RANK" in os.environ,
+    )
 
 
 @dataclass(frozen=True)
@@ -415,7 +456,9 @@ class HubAccess:
 
 def hub_access() -> HubAccess:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    return HubAccess(os.environ.get("HF_TOKEN") or None, offline, os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return HubAccess(
+        os.environ.get("HF_TOKEN") or None, offline, os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    )
 
 
 @dataclass(frozen=True)
@@ -426,14 +469,24 @@ class AppSettings:
 
 
 def app_settings() -> AppSettings:
-    return AppSettings(os.environ.get("HF_MODEL_REPO") or None, os.environ.get("BLOSSOM_MODEL") or None,
-                       os.environ.get("BLOSSOM_OUTPUTS", "outputs"))
+    return AppSettings(
+        os.environ.get("HF_MODEL_REPO") or None,
+        os.environ.get("BLOSSOM_MODEL") or None,
+        os.environ.get("BLOSSOM_OUTPUTS", "outputs"),
+    )
 
 
 def aws_credentials_present() -> bool:
     """Whether boto3 could find credentials in the environment (keys, a profile, or a web identity)."""
-    return any(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                                            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))
+    return any(
+        os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        )
+    )
 
 
 def sagemaker_model_dir() -> str | None:

@@ -98,9 +98,11 @@ def push_data(cfg: RemoteConfig, root: Path) -> int:
             sent = repo.push(targets=[DATA_STAGE])
             if sent == 0 and _out_of_date(repo):
                 # DVC pushes what dvc.lock records; data written outside `dvc repro` is not that.
-                raise StorageError("outputs/data is not the data set DVC recorded (written by `blossom data` "
-                                   "outside DVC, or changed since): run `dvc repro data` (or `dvc commit data`), "
-                                   "then push again")
+                raise StorageError(
+                    "outputs/data is not the data set DVC recorded (written by `blossom data` "
+                    "outside DVC, or changed since): run `dvc repro data` (or `dvc commit data`), "
+                    "then push again"
+                )
             return sent
     except DvcException as e:
         if "does not exist" in str(e) and "stage" in str(e).lower() or "is not tracked" in str(e):
@@ -114,8 +116,9 @@ def push_data(cfg: RemoteConfig, root: Path) -> int:
 def _out_of_date(repo) -> bool:
     """Whether the data stage's recorded output differs from outputs/data (or was never recorded)."""
     status = repo.status(targets=[DATA_STAGE])
-    return not _locked(repo) or any(isinstance(entry, dict) and "changed outs" in entry
-                                    for entry in status.get(DATA_STAGE) or [])
+    return not _locked(repo) or any(
+        isinstance(entry, dict) and "changed outs" in entry for entry in status.get(DATA_STAGE) or []
+    )
 
 
 def _locked(repo) -> bool:

@@ -46,9 +46,15 @@ class AttributeClassifier(nn.Module):
         chans = [width, width * 2, width * 4, width * 4]
         # A strided stem halves the resolution at once: most of the cost of a CNN is at full size.
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, stride=2), nn.BatchNorm2d(width), nn.SiLU()]
-        for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
-                       nn.Conv2d(cout, cout, 3, padding=1, stride=2), nn.BatchNorm2d(cout), nn.SiLU()]
+        for cin, cout in zip(chans, chans[1:], strict=False):
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1, stride=2),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+            ]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
         self.heads = nn.ModuleDict({k: nn.Linear(chans[-1] * 4, len(v)) for k, v in HEADS.items()})
 
@@ -125,8 +131,19 @@ def eval_flowers(images_per_prompt: int, seed: int = 4242) -> list[synthetic.Flo
     for color in synthetic.PETAL_COLORS:
         for bg in synthetic.BACKGROUNDS:
             for _ in range(images_per_prompt):
-                flowers.append(synthetic.Flower(color, "yellow", int(rng.choice(synthetic.PETAL_COUNTS)),
-                                                str(rng.choice(synthetic.PETAL_SHAPES)), "large", bg, 0.5, 0.5, 0.0))
+                flowers.append(
+                    synthetic.Flower(
+                        color,
+                        "yellow",
+                        int(rng.choice(synthetic.PETAL_COUNTS)),
+                        str(rng.choice(synthetic.PETAL_SHAPES)),
+                        "large",
+                        bg,
+                        0.5,
+                        0.5,
+                        0.0,
+                    )
+                )
     return flowers
 
 
@@ -136,7 +153,14 @@ def adherence(classifier: AttributeClassifier, images: np.ndarray, flowers: list
     result = {}
     for group, mask in (("seen", ~held), ("held_out", held), ("all", torch.ones_like(held))):
         result[group] = {
-            k: round(float((pred[k][mask] == torch.tensor([HEADS[k].index(getattr(f, k)) for f in flowers])[mask]).float().mean()), 4)
+            k: round(
+                float(
+                    (pred[k][mask] == torch.tensor([HEADS[k].index(getattr(f, k)) for f in flowers])[mask])
+                    .float()
+                    .mean()
+                ),
+                4,
+            )
             for k in HEADS
         }
         result[group]["n"] = int(mask.sum())
@@ -152,10 +176,12 @@ def evaluate(cfg: Config, backend, classifier_dir: Path, out_dir: Path, train_in
     flowers = eval_flowers(e.images_per_prompt)
     prompts = [synthetic.eval_caption(f) for f in flowers]
     start = time.time()
-    images = np.concatenate([
-        sample(backend, prompts[i : i + e.batch_size], s.sampler, s.steps, s.guidance, seed=s.seed + i)
-        for i in tqdm(range(0, len(prompts), e.batch_size), desc="evaluate: sampling", unit="batch")
-    ])
+    images = np.concatenate(
+        [
+            sample(backend, prompts[i : i + e.batch_size], s.sampler, s.steps, s.guidance, seed=s.seed + i)
+            for i in tqdm(range(0, len(prompts), e.batch_size), desc="evaluate: sampling", unit="batch")
+        ]
+    )
     seconds = time.time() - start
     scores = adherence(classifier, images, flowers)
     metrics = {
@@ -182,10 +208,13 @@ def format_table(metrics: dict) -> str:
     rows = [f"{'attribute':<12} {'seen':>6} {'held-out':>9} {'ceiling':>8}"]
     for k in HEADS:
         rows.append(
-            f"{k:<12} {metrics['adherence']['seen'][k]:>6.2f} {metrics['adherence']['held_out'][k]:>9.2f} {metrics['ceiling'][k]:>8.2f}"
+            f"{k:<12} {metrics['adherence']['seen'][k]:>6.2f} {metrics['adherence']['held_out'][k]:>9.2f} "
+            f"{metrics['ceiling'][k]:>8.2f}"
         )
     a = metrics["adherence"]
-    rows.append(f"(images: {a['seen']['n']} seen, {a['held_out']['n']} held-out; "
-                f"{metrics['sampler']} {metrics['steps']} steps, guidance {metrics['guidance']}; "
-                f"val loss {metrics['val_loss']})")
+    rows.append(
+        f"(images: {a['seen']['n']} seen, {a['held_out']['n']} held-out; "
+        f"{metrics['sampler']} {metrics['steps']} steps, guidance {metrics['guidance']}; "
+        f"val loss {metrics['val_loss']})"
+    )
     return "\n".join(rows)

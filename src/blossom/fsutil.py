@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from blossom.errors import DataError
 
@@ -97,6 +98,8 @@ def inside(root: Path, name: object, where: str) -> Path:
         raise DataError(f"{where}: file_name {name!r} must be a relative path inside {root}: fix or remove the row")
     path = root / name
     if not path.resolve().is_relative_to(root.resolve()):
-        raise DataError(f"{where}: file_name {name!r} leads outside {root} (through '..' or a symlink): "
-                        "file names must stay inside the folder; fix or remove the row")
+        raise DataError(
+            f"{where}: file_name {name!r} leads outside {root} (through '..' or a symlink): "
+            "file names must stay inside the folder; fix or remove the row"
+        )
     return path

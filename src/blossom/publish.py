@@ -21,8 +21,12 @@ from blossom.fsutil import atomic_dir, write_text
 log = logging.getLogger(__name__)
 
 DEFAULT_REPO = "blossom-flowers"
-ADHERENCE_ROWS = (("petal_color", "petal colour"), ("background", "background"), ("petal_count", "petal count"),
-                  ("petal_shape", "petal shape"))
+ADHERENCE_ROWS = (
+    ("petal_color", "petal colour"),
+    ("background", "background"),
+    ("petal_count", "petal count"),
+    ("petal_shape", "petal shape"),
+)
 
 
 class PublishError(BlossomError):
@@ -39,46 +43,100 @@ def model_card(folder: Path, repo_id: str) -> str:
     metrics = _read(folder / "metrics.json")
     info = _read(folder / "blossom.json") or {}
     champion = _read(folder / "champion.json") or {}
-    front = {"license": "apache-2.0", "library_name": "diffusers", "pipeline_tag": "text-to-image",
-             "tags": ["text-to-image", "diffusers", "latent-diffusion", "blossom", "onnx"]}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {repo_id}", "",
-             "A small text-to-image latent diffusion model trained with blossom on procedural flowers. It loads in stock `diffusers` "
-             "(`StableDiffusionPipeline.from_pretrained`) and ships ONNX graphs (`onnx/`) for ONNX Runtime"
-             + (", with statically quantized int8 copies of the UNet and VAE decoder (`onnx/*.int8.onnx`, "
-                "calibrated on validation captions)" if (folder / "onnx" / "unet.int8.onnx").exists() else "") + ".", "",
-             "## Metrics", ""]
+    front = {
+        "license": "apache-2.0",
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["text-to-image", "diffusers", "latent-diffusion", "blossom", "onnx"],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        "A small text-to-image latent diffusion model trained with blossom on procedural flowers. "
+        "It loads in stock `diffusers` "
+        "(`StableDiffusionPipeline.from_pretrained`) and ships ONNX graphs (`onnx/`) for ONNX Runtime"
+        + (
+            ", with statically quantized int8 copies of the UNet and VAE decoder (`onnx/*.int8.onnx`, "
+            "calibrated on validation captions)"
+            if (folder / "onnx" / "unet.int8.onnx").exists()
+            else ""
+        )
+        + ".",
+        "",
+        "## Metrics",
+        "",
+    ]
     val = train.get("val_loss")
-    lines.append(f"- Validation loss (noise MSE, fixed seed, EMA weights): **{val:.4f}**" if val is not None
-                 else "- Validation loss: not recorded")
-    lines.append(f"- Training: {train.get('steps', '?')} steps, {train.get('images_seen', '?')} images seen, "
-                 f"{train.get('unet_params', 0) / 1e6:.2f}M-parameter UNet, preset `{info.get('preset', '?')}`")
+    lines.append(
+        f"- Validation loss (noise MSE, fixed seed, EMA weights): **{val:.4f}**"
+        if val is not None
+        else "- Validation loss: not recorded"
+    )
+    lines.append(
+        f"- Training: {train.get('steps', '?')} steps, {train.get('images_seen', '?')} images seen, "
+        f"{train.get('unet_params', 0) / 1e6:.2f}M-parameter UNet, preset `{info.get('preset', '?')}`"
+    )
     if champion:
         lines.append(f"- MLflow: registered version {champion.get('version')}, run `{champion.get('run_id')}`")
     if metrics:
-        lines += ["", f"Prompt adherence (an attribute classifier reads the generated images; {metrics.get('sampler')}, "
-                      f"{metrics.get('steps')} steps, guidance {metrics.get('guidance')}):", "",
-                  "| attribute | seen pairs | held-out pairs | classifier ceiling |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Prompt adherence (an attribute classifier reads the generated images; {metrics.get('sampler')}, "
+            f"{metrics.get('steps')} steps, guidance {metrics.get('guidance')}):",
+            "",
+            "| attribute | seen pairs | held-out pairs | classifier ceiling |",
+            "|---|---|---|---|",
+        ]
         adh, ceiling = metrics["adherence"], metrics["ceiling"]
         for key, label in ADHERENCE_ROWS:
             lines.append(f"| {label} | {adh['seen'][key]:.2f} | {adh['held_out'][key]:.2f} | {ceiling[key]:.2f} |")
     if (folder / "samples.png").exists():
-        lines += ["", "## Samples", "", "![samples](samples.png)", "",
-                  "Rows: petal colours; columns: sky, grass, night, sand, stone backgrounds."]
-    lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline",
-              f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")',
-              'image = pipe("a red flower with five round petals on green grass", num_inference_steps=30,',
-              '             guidance_scale=5.0).images[0]', "```", "",
-              "## Training data", "",
-              "Procedural flowers drawn by blossom's generator: 8 petal colours, 3-8 petals, 3 petal shapes, "
-              "5 backgrounds, with exact captions; five colour/background pairs are held out of training "
-              "to measure generalisation. No real photographs and no personal data.", "",
-              "## Intended use and limitations", "",
-              "A demonstration and teaching model: it draws simple flowers described by colour, petal count, "
-              "petal shape and background, at 64 px. It knows nothing else, petal count and shape are unreliable "
-              "at small training budgets (see the table), and it is not meant for any decision about people.", "",
-              "## Config", "", "```yaml", yaml.safe_dump(info, sort_keys=False).strip(), "```", "",
-              "## License", "", "Apache-2.0, code and weights.", ""]
+        lines += [
+            "",
+            "## Samples",
+            "",
+            "![samples](samples.png)",
+            "",
+            "Rows: petal colours; columns: sky, grass, night, sand, stone backgrounds.",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")',
+        'image = pipe("a red flower with five round petals on green grass", num_inference_steps=30,',
+        "             guidance_scale=5.0).images[0]",
+        "```",
+        "",
+        "## Training data",
+        "",
+        "Procedural flowers drawn by blossom's generator: 8 petal colours, 3-8 petals, 3 petal shapes, "
+        "5 backgrounds, with exact captions; five colour/background pairs are held out of training "
+        "to measure generalisation. No real photographs and no personal data.",
+        "",
+        "## Intended use and limitations",
+        "",
+        "A demonstration and teaching model: it draws simple flowers described by colour, petal count, "
+        "petal shape and background, at 64 px. It knows nothing else, petal count and shape are unreliable "
+        "at small training budgets (see the table), and it is not meant for any decision about people.",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        yaml.safe_dump(info, sort_keys=False).strip(),
+        "```",
+        "",
+        "## License",
+        "",
+        "Apache-2.0, code and weights.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -100,12 +158,20 @@ def _reachable(endpoint: str, timeout: float = 3.0) -> None:
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
     except OSError as e:
-        raise PublishError(f"cannot reach {endpoint} ({e.strerror or e}): check the network, or unset "
-                           "publish.repo_id to publish to the local folder") from None
+        raise PublishError(
+            f"cannot reach {endpoint} ({e.strerror or e}): check the network, or unset "
+            "publish.repo_id to publish to the local folder"
+        ) from None
 
 
-def publish(cfg: PublishConfig, export_dir: Path, hub_root: Path, token: str | None, offline: bool,
-            endpoint: str = "https://huggingface.co") -> dict:
+def publish(
+    cfg: PublishConfig,
+    export_dir: Path,
+    hub_root: Path,
+    token: str | None,
+    offline: bool,
+    endpoint: str = "https://huggingface.co",
+) -> dict:
     """Hub when a repo id and token are set (and the Hub is not switched off), else the local folder."""
     repo_id = cfg.repo_id or DEFAULT_REPO
     local = hub_root / repo_id.replace("/", "--")
@@ -115,8 +181,10 @@ def publish(cfg: PublishConfig, export_dir: Path, hub_root: Path, token: str | N
     if not token:
         return {"target": "local", "path": str(local), "reason": "HF_TOKEN is not set"}
     if offline:
-        raise PublishError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be uploaded: unset it, or publish locally "
-                           f"(the local copy is at {local})")
+        raise PublishError(
+            f"HF_HUB_OFFLINE is set, so {repo_id} cannot be uploaded: unset it, or publish locally "
+            f"(the local copy is at {local})"
+        )
     _reachable(endpoint)
     from huggingface_hub import HfApi
 
@@ -126,6 +194,8 @@ def publish(cfg: PublishConfig, export_dir: Path, hub_root: Path, token: str | N
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(local), commit_message="blossom publish")
     except Exception as e:  # httpx / HfHubHTTPError: say what failed, keep the token out of it
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PublishError(f"uploading to the Hub repo {repo_id} failed ({first.replace(token, '***')}): "
-                           f"check HF_TOKEN's write access and the network; the local copy is at {local}") from None
+        raise PublishError(
+            f"uploading to the Hub repo {repo_id} failed ({first.replace(token, '***')}): "
+            f"check HF_TOKEN's write access and the network; the local copy is at {local}"
+        ) from None
     return {"target": "hub", "repo_id": repo_id, "url": str(getattr(commit, "commit_url", "")), "path": str(local)}

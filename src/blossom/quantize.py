@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from blossom.backends import unet_feed
+from blossom.layout import INT8_FILES, ONNX_FILES, unet_feed
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_CAPTIONS = 32
 # |weight| <= WEIGHT_LIMIT keeps VPMADDUBSW's pairwise 16-bit sums of u8 x s8 products unsaturated.
 WEIGHT_LIMIT = 64
-INT8_FILES = {"unet": "unet.int8.onnx", "vae_decoder": "vae_decoder.int8.onnx"}
 # Kept in fp32: the first and last convolutions (they touch the latents and the output directly) and
 # the timestep/text-pooling embeddings (matrix-vector products: nothing to gain, range to lose).
 KEEP_FP32 = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
@@ -52,8 +51,9 @@ class _Recorder:
         return self.backend.unet(latents, t, text)
 
 
-def calibration_feeds(backend, prompts: list[str], sampler: str, steps: int, guidance: float,
-                      seed: int = 0) -> tuple[list[dict], list[dict]]:
+def calibration_feeds(
+    backend, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """UNet and VAE-decoder inputs seen while sampling the prompts, one batch for all of them."""
     from blossom.sampling import denoise
 
@@ -72,30 +72,59 @@ class _Reader:
         return next(self._it, None)
 
 
-def nodes_to_quantize(graph) -> list[str]:
+def _scopes(node) -> str:
+    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+
+
+def nodes_to_quantize(graph, keep: tuple[str, ...] = ()) -> list[str]:
     """Convolutions, and matrix products with a weight (not attention's activation-by-activation
-    products), outside the KEEP_FP32 modules, by the module scopes the torch exporter records."""
+    products), outside the KEEP_FP32 modules and `keep`, by the module scopes the torch exporter records."""
     weights = {i.name for i in graph.initializer}
     names = []
     for node in graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        if any(k in scopes for k in KEEP_FP32):
+        scopes = _scopes(node)
+        if any(k in scopes for k in (*KEEP_FP32, *keep)):
             continue
         if node.op_type == "Conv" or (node.op_type in ("MatMul", "Gemm") and node.input[1] in weights):
             names.append(node.name)
     return names
 
 
-def quantize_graph(source: Path, target: Path, feeds: list[dict]) -> None:
+def decoder_blocks(source: Path) -> list[str]:
+    """The UNet's mid block and up blocks by scope name, the candidates to keep in fp32 when int8
+    moves the image too far (their errors reach the output with the least left to correct them)."""
+    import onnx
+
+    found = set()
+    for node in onnx.load(str(source), load_external_data=False).graph.node:
+        scopes = _scopes(node)
+        for name in ("mid_block", *(f"up_blocks.{i}" for i in range(8))):
+            if f"{name}." in scopes or scopes.endswith(name):
+                found.add(name)
+    return sorted(found, key=lambda n: (n != "mid_block", n))
+
+
+def quantize_graph(source: Path, target: Path, feeds: list[dict], keep: tuple[str, ...] = ()) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    nodes = nodes_to_quantize(onnx.load(str(source), load_external_data=False).graph)
-    quantize_static(str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                    nodes_to_quantize=nodes,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                    calibration_providers=["CPUExecutionProvider"])
+    nodes = nodes_to_quantize(onnx.load(str(source), load_external_data=False).graph, keep)
+    for old in target.parent.glob(target.name + "*"):  # onnx appends external weights to an existing file
+        old.unlink()
+    quantize_static(
+        str(source),
+        str(target),
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=True,
+        nodes_to_quantize=nodes,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=True,
+        calibration_providers=["CPUExecutionProvider"],
+    )
 
 
 def int8_operand_ranges(path: Path) -> tuple[int, set[int]]:
@@ -126,13 +155,18 @@ def saturates_without_vnni(path: Path) -> bool:
     return largest > WEIGHT_LIMIT or not activation_types <= {TensorProto.UINT8}
 
 
-def write_int8(onnx_dir: Path, backend, prompts: list[str], sampler: str = "unipc", steps: int = 15,
-               guidance: float = 5.0) -> None:
-    """onnx_dir/unet.int8.onnx and vae_decoder.int8.onnx, calibrated by sampling the prompts with `backend`."""
-    from blossom.export import ONNX_FILES
-
+def write_int8(
+    onnx_dir: Path, backend, prompts: list[str], sampler: str = "unipc", steps: int = 15, guidance: float = 5.0
+) -> list[dict]:
+    """onnx_dir/unet.int8.onnx and vae_decoder.int8.onnx, calibrated by sampling the prompts with
+    `backend`; returns the UNet's calibration feeds, for a re-quantization that keeps a block."""
     unet_feeds, vae_feeds = calibration_feeds(backend, prompts, sampler, steps, guidance)
-    log.info("int8 calibration: %d UNet batches, %d decoder batch over %d captions", len(unet_feeds), len(vae_feeds),
-             len(prompts))
+    log.info(
+        "int8 calibration: %d UNet batches, %d decoder batch over %d captions",
+        len(unet_feeds),
+        len(vae_feeds),
+        len(prompts),
+    )
     quantize_graph(onnx_dir / ONNX_FILES["unet"], onnx_dir / INT8_FILES["unet"], unet_feeds)
     quantize_graph(onnx_dir / ONNX_FILES["vae_decoder"], onnx_dir / INT8_FILES["vae_decoder"], vae_feeds)
+    return unet_feeds

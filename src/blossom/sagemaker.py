@@ -73,8 +73,10 @@ def submit(cfg: Config, job: dict, project: Path, params: Path, credentials: boo
     if missing:
         raise ConfigError(f"cannot submit the SageMaker job: set {'; '.join(missing)} (--dry-run shows the job)")
     if not credentials:
-        raise ConfigError("no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                          "(or AWS_PROFILE), or pass --dry-run to print the job")
+        raise ConfigError(
+            "no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE), or pass --dry-run to print the job"
+        )
     try:
         from sagemaker.pytorch import PyTorch
     except ImportError:

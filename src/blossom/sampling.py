@@ -8,7 +8,8 @@ others were generated beside it.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,8 +38,9 @@ def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int =
     if sampler not in SAMPLERS:
         raise BlossomError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if not 0 < steps <= MAX_STEPS:
-        raise BlossomError(f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: "
-                           "try --steps 15")
+        raise BlossomError(
+            f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: try --steps 15"
+        )
     if not (isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE):  # NaN fails every comparison
         raise BlossomError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}: try --guidance 5")
     if not 0 <= seed <= MAX_SEED - max(n - 1, 0):
@@ -68,7 +70,9 @@ def make_scheduler(name: str, train_config: dict):
     if name == "ddpm":
         return DDPMScheduler.from_config(base, **common)
     if name == "dpm++2m":
-        return DPMSolverMultistepScheduler.from_config(base, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(
+            base, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2
+        )
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(base, timestep_spacing="trailing")
     if name == "euler":
@@ -114,7 +118,11 @@ def denoise(
     text = backend.encode_text(([""] * n if guided else []) + list(prompts))
     latents = initial_noise(backend.latent_shape, n, seed) * sched.init_noise_sigma
     # Stochastic samplers (DDPM, Euler with churn) draw from this generator; others take no generator.
-    extra = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(sched.step).parameters else {}
+    extra = (
+        {"generator": torch.Generator().manual_seed(seed)}
+        if "generator" in inspect.signature(sched.step).parameters
+        else {}
+    )
     for i, t in enumerate(sched.timesteps):
         inp = torch.cat([latents, latents]) if guided else latents
         inp = sched.scale_model_input(inp, t)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from blossom.config import Config, redact
 from blossom.errors import BlossomError
@@ -85,8 +86,12 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                 mlflow.log_params(dict(items[i : i + 100]))
             for row in stats:
-                values = {"loss": row["loss"], "lr": row["lr"], "images_per_s": row["images_per_s"],
-                          "grad_norm": row["grad_norm"]}
+                values = {
+                    "loss": row["loss"],
+                    "lr": row["lr"],
+                    "images_per_s": row["images_per_s"],
+                    "grad_norm": row["grad_norm"],
+                }
                 values.update({f"loss_t{b}": v for b, v in enumerate(row["loss_by_t_bin"])})
                 mlflow.log_metrics(values, step=row["step"])
             for step, value in train_info["val_history"]:

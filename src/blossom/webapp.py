@@ -61,7 +61,8 @@ def load(backend: str, folder: str, precision: str = "fp32"):
 def precisions(backend: str, folder: Path) -> list[str]:
     """What the backend can run this folder in: int8 (and `auto`, which picks it on VNNI CPUs) only
     where export wrote the int8 graphs."""
-    from blossom.backends import PRECISIONS, has_int8
+    from blossom.backends import PRECISIONS
+    from blossom.layout import has_int8
 
     int8 = has_int8(folder)
     return [p for p in PRECISIONS[backend] if p not in ("int8", "auto") or (backend == "onnx" and int8)]
@@ -76,8 +77,9 @@ def model_card(folder: Path) -> dict:
 
 
 def token_count(backend, prompt: str) -> int:
-    tokenizer = getattr(backend, "tokenizer", None) or backend.text_encoder.tokenizer
-    return len(tokenizer(prompt)["input_ids"])
+    from blossom.models import count_tokens
+
+    return count_tokens(getattr(backend, "tokenizer", None) or backend.text_encoder.tokenizer, prompt)
 
 
 def png_bytes(image) -> bytes:
@@ -101,21 +103,28 @@ def sidebar(folder: Path) -> None:
         st.sidebar.write(f"MLflow version **{champion.get('version')}**, run `{str(champion.get('run_id', ''))[:12]}`")
     if train.get("val_loss") is not None:
         st.sidebar.metric("Validation loss", f"{train['val_loss']:.4f}")
-        st.sidebar.caption(f"{train.get('steps')} training steps, {train.get('unet_params', 0) / 1e6:.1f}M-parameter UNet")
+        st.sidebar.caption(
+            f"{train.get('steps')} training steps, {train.get('unet_params', 0) / 1e6:.1f}M-parameter UNet"
+        )
     if metrics:
         seen = metrics["adherence"]["seen"]
         st.sidebar.write("Prompt adherence (seen pairs)")
-        st.sidebar.table({"attribute": ["petal colour", "background", "petal count", "petal shape"],
-                          "accuracy": [f"{seen[k]:.2f}" for k in ("petal_color", "background", "petal_count",
-                                                                    "petal_shape")]})
+        st.sidebar.table(
+            {
+                "attribute": ["petal colour", "background", "petal count", "petal shape"],
+                "accuracy": [f"{seen[k]:.2f}" for k in ("petal_color", "background", "petal_count", "petal_shape")],
+            }
+        )
 
 
 def no_model_page() -> None:
     st.title("blossom")
     st.info("There is no model to serve yet. Train, export and publish one with one command in the project folder:")
     st.code("make run", language="bash")
-    st.caption("It takes about 20 minutes on a 2-core laptop. Or point the app at a model: "
-               "HF_MODEL_REPO=you/blossom-flowers (a Hub repo) or BLOSSOM_MODEL=path/to/folder.")
+    st.caption(
+        "It takes about 20 minutes on a 2-core laptop. Or point the app at a model: "
+        "HF_MODEL_REPO=you/blossom-flowers (a Hub repo) or BLOSSOM_MODEL=path/to/folder."
+    )
 
 
 def main() -> None:
@@ -134,17 +143,21 @@ def main() -> None:
     state = st.session_state
     state.setdefault("prompt", EXAMPLES[0])
     cols = st.columns(len(EXAMPLES))
-    for col, example in zip(cols, EXAMPLES):
+    for col, example in zip(cols, EXAMPLES, strict=True):
         if col.button(example, key=f"example-{example}", width="stretch"):
             state["prompt"] = example
     prompt = st.text_area("Prompt", key="prompt", height=80)
 
     c1, c2, c3 = st.columns(3)
     backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
-    precision = c1.radio("Precision", precisions(backend_name, folder), horizontal=True,
-                         help="int8 (ONNX Runtime) and bf16 (PyTorch, on CPUs with AVX512-BF16 or AMX) trade "
-                              "a little accuracy for speed on large models; auto picks int8 on CPUs with VNNI "
-                              "int8 dot products, fp32 elsewhere")
+    precision = c1.radio(
+        "Precision",
+        precisions(backend_name, folder),
+        horizontal=True,
+        help="int8 (ONNX Runtime) and bf16 (PyTorch, on CPUs with AVX512-BF16 or AMX) trade "
+        "a little accuracy for speed on large models; auto picks int8 on CPUs with VNNI "
+        "int8 dot products, fp32 elsewhere",
+    )
     sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
     steps = c2.slider("Steps", 1, MAX_STEPS, 15)
     guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
@@ -155,7 +168,9 @@ def main() -> None:
     try:
         backend = load(backend_name, str(folder), precision)
         sidebar(folder)
-    except Exception as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
+    except (
+        Exception
+    ) as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         st.error(f"The model {model_label(folder)} cannot be loaded: {first}")
         return
@@ -163,12 +178,15 @@ def main() -> None:
     if st.button("Generate", type="primary"):
         chosen = backend.precision + (" (auto)" if precision == "auto" else "")
         label = BACKEND_LABELS[backend_name] + ("" if chosen == "fp32" else f" {chosen}")
-        generate(backend, label, prompt, sampler, int(steps), float(guidance), int(n), None if random_seed else int(seed))
+        generate(
+            backend, label, prompt, sampler, int(steps), float(guidance), int(n), None if random_seed else int(seed)
+        )
     show(state.get("result"))
 
 
-def generate(backend, backend_label: str, prompt: str, sampler: str, steps: int, guidance: float, n: int,
-             seed: int | None) -> None:
+def generate(
+    backend, backend_label: str, prompt: str, sampler: str, steps: int, guidance: float, n: int, seed: int | None
+) -> None:
     """Sample and keep the result in this visitor's session, so a later rerun still shows it."""
     state = st.session_state
     if not prompt.strip():
@@ -195,14 +213,20 @@ def generate(backend, backend_label: str, prompt: str, sampler: str, steps: int,
         return
     except Exception as e:  # whatever else fails, the visitor gets a sentence, not a traceback
         bar.empty()
-        st.error(f"Generation failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
-                 "Try again; if it keeps failing, the model folder may be damaged.")
+        st.error(
+            f"Generation failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+            "Try again; if it keeps failing, the model folder may be damaged."
+        )
         return
     took = time.perf_counter() - start
     bar.empty()
-    state["result"] = {"images": images, "seed": seed, "seconds": took,
-                       "summary": f"{len(images)} image(s) in {took:.2f} s with {backend_label} "
-                                  f"({sampler}, {steps} steps, guidance {guidance}, seed {seed})"}
+    state["result"] = {
+        "images": images,
+        "seed": seed,
+        "seconds": took,
+        "summary": f"{len(images)} image(s) in {took:.2f} s with {backend_label} "
+        f"({sampler}, {steps} steps, guidance {guidance}, seed {seed})",
+    }
 
 
 def show(result: dict | None) -> None:
@@ -214,5 +238,11 @@ def show(result: dict | None) -> None:
     for i, image in enumerate(images):
         with grid[i % len(grid)]:
             st.image(image, caption=f"seed {seed + i}", width="stretch")
-            st.download_button("Download PNG", png_bytes(image), file_name=f"blossom-{seed + i}.png",
-                               mime="image/png", key=f"download-{i}", on_click="ignore")
+            st.download_button(
+                "Download PNG",
+                png_bytes(image),
+                file_name=f"blossom-{seed + i}.png",
+                mime="image/png",
+                key=f"download-{i}",
+                on_click="ignore",
+            )

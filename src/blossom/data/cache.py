@@ -17,8 +17,8 @@ from tqdm import tqdm
 from blossom.data.folder import load_images, read_metadata
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir, write_json
-from blossom.models import TextEncoder
 from blossom.images import to_tensor
+from blossom.models import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,31 @@ def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256)
     return states[torch.tensor([index[c] for c in captions])]
 
 
-def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_size: int, encoder_name: str = "",
-                flip: bool = False) -> dict:
+def build_cache(
+    data_dir: Path,
+    out_dir: Path,
+    vae,
+    encoder: TextEncoder,
+    image_size: int,
+    encoder_name: str = "",
+    flip: bool = False,
+) -> dict:
     """flip: also cache the latents of the mirrored training images, for random flips in training."""
     from blossom.models import vae_downsampling
 
     down = vae_downsampling(vae)
     if image_size % down:
-        raise DataError(f"data.image_size {image_size} is not a multiple of the VAE's downsampling factor {down}: "
-                        f"set data.image_size to {max(down, image_size // down * down)}")
-    info: dict = {"splits": {}, "max_tokens": encoder.max_tokens, "text_dim": encoder.dim, "text_encoder": encoder_name,
-                  "flipped": flip}
+        raise DataError(
+            f"data.image_size {image_size} is not a multiple of the VAE's downsampling factor {down}: "
+            f"set data.image_size to {max(down, image_size // down * down)}"
+        )
+    info: dict = {
+        "splits": {},
+        "max_tokens": encoder.max_tokens,
+        "text_dim": encoder.dim,
+        "text_encoder": encoder_name,
+        "flipped": flip,
+    }
     with atomic_dir(out_dir) as tmp:
         for split in ("train", "val"):
             records = read_metadata(data_dir / split)
@@ -65,7 +79,10 @@ def build_cache(data_dir: Path, out_dir: Path, vae, encoder: TextEncoder, image_
                 part = records[start : start + SHARD_SIZE]
                 pixels = to_tensor(images[start : start + SHARD_SIZE])
                 latents = encode_images(vae, pixels)
-                tensors = {"latents": latents.contiguous(), "text": encode_captions(encoder, [r.text for r in part]).half()}
+                tensors = {
+                    "latents": latents.contiguous(),
+                    "text": encode_captions(encoder, [r.text for r in part]).half(),
+                }
                 if flip and split == "train":
                     tensors["latents_flipped"] = encode_images(vae, pixels.flip(-1)).contiguous()
                 name = f"{split}-{len(shards):05d}.safetensors"
@@ -90,12 +107,16 @@ def cache_index(cache_dir: Path) -> dict:
 def check_cache(index: dict, text_encoder: str, max_tokens: int, flip: bool = False) -> None:
     """A cache built with another text encoder or token length would train the UNet on the wrong states."""
     if flip and not index.get("flipped"):
-        raise DataError("data.random_flip is on but the cache has no mirrored latents: rerun `blossom cache` "
-                        "(or set data.random_flip to false)")
+        raise DataError(
+            "data.random_flip is on but the cache has no mirrored latents: rerun `blossom cache` "
+            "(or set data.random_flip to false)"
+        )
     built = (index.get("text_encoder") or text_encoder, index.get("max_tokens", max_tokens))
     if built != (text_encoder, max_tokens):
-        raise DataError(f"the cache was built with text.encoder={built[0]} and text.max_tokens={built[1]}, but the "
-                        f"config now says {text_encoder} and {max_tokens}: rerun `blossom cache` (or restore those keys)")
+        raise DataError(
+            f"the cache was built with text.encoder={built[0]} and text.max_tokens={built[1]}, but the "
+            f"config now says {text_encoder} and {max_tokens}: rerun `blossom cache` (or restore those keys)"
+        )
 
 
 def load_cache(cache_dir: Path, split: str) -> dict[str, torch.Tensor]:

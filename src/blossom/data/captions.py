@@ -56,8 +56,11 @@ def scan(folder: Path, meta: Path | None = None) -> list[dict]:
                 inside(folder, row["file_name"], f"{meta} line {number}")
                 rows.append(row)
     named = {str(r["file_name"]) for r in rows}
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                       and p.resolve().is_relative_to(folder.resolve())):
+    for path in sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve().is_relative_to(folder.resolve())
+    ):
         rel = path.relative_to(folder).as_posix()
         if rel not in named:
             rows.append({"file_name": rel})
@@ -144,18 +147,28 @@ def _save(out: Path, rows: list[dict]) -> None:
     write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def caption_folder(folder: Path, cfg: CaptionConfig, count_tokens: Callable[[str], int] | None = None,
-                   token_limit: int | None = None, *, out: Path) -> dict[str, int]:
+def caption_folder(
+    folder: Path,
+    cfg: CaptionConfig,
+    count_tokens: Callable[[str], int] | None = None,
+    token_limit: int | None = None,
+    *,
+    out: Path,
+) -> dict[str, int]:
     """Caption every image in folder that has no text, into `out` (the folder's metadata with the
     captions added); returns counts (captioned, kept, failed, too_long). Nothing in folder is written."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: pass the image folder to caption")
     if out.resolve().is_relative_to(folder.resolve()):
-        raise DataError(f"captions would be written into the image folder {folder}: blossom never writes there; "
-                        "set `outputs` to a folder outside it")
+        raise DataError(
+            f"captions would be written into the image folder {folder}: blossom never writes there; "
+            "set `outputs` to a folder outside it"
+        )
     rows = scan(folder)
-    earlier = {str(r["file_name"]): r["text"] for r in scan(folder, out) if not needs_caption(r)} if out.exists() else {}
+    earlier = (
+        {str(r["file_name"]): r["text"] for r in scan(folder, out) if not needs_caption(r)} if out.exists() else {}
+    )
     for row in rows:
         if needs_caption(row) and str(row["file_name"]) in earlier:
             row["text"] = earlier[str(row["file_name"])]  # resumed from an earlier, interrupted run
@@ -170,7 +183,7 @@ def caption_folder(folder: Path, cfg: CaptionConfig, count_tokens: Callable[[str
     with tqdm(total=len(todo), desc=f"caption ({cfg.backend})", unit="img", mininterval=1) as bar:
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
-            for row, text in zip(chunk, captioner.caption_rows(chunk, folder)):
+            for row, text in zip(chunk, captioner.caption_rows(chunk, folder), strict=True):
                 if text is None:
                     counts["failed"] += 1
                     continue
@@ -184,9 +197,15 @@ def caption_folder(folder: Path, cfg: CaptionConfig, count_tokens: Callable[[str
                 last_save = time.monotonic()
     _save(out, rows)
     if counts["too_long"]:
-        log.warning("%d caption(s) are longer than the text encoder's %d tokens and will be truncated in training",
-                    counts["too_long"], token_limit)
+        log.warning(
+            "%d caption(s) are longer than the text encoder's %d tokens and will be truncated in training",
+            counts["too_long"],
+            token_limit,
+        )
     if counts["failed"]:
-        log.warning("%d image(s) got no caption (unreadable, no label for the template, or an empty model output): "
-                    "give them a label or text, or use caption.backend=florence2", counts["failed"])
+        log.warning(
+            "%d image(s) got no caption (unreadable, no label for the template, or an empty model output): "
+            "give them a label or text, or use caption.backend=florence2",
+            counts["failed"],
+        )
     return counts

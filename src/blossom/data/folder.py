@@ -82,8 +82,11 @@ def read_metadata(folder: Path, tally: Tally | None = None, meta: Path | None = 
             seen.add(row["file_name"])
             records.append(Record(path, text.strip(), row))
     if own and sum(tally.rows.values()):
-        log.warning("%s: skipped %s: caption rows with `blossom caption`, fix or remove the rest", meta,
-                    ", ".join(f"{n} {k}" for k, n in tally.rows.items()))
+        log.warning(
+            "%s: skipped %s: caption rows with `blossom caption`, fix or remove the rest",
+            meta,
+            ", ".join(f"{n} {k}" for k, n in tally.rows.items()),
+        )
     return records
 
 
@@ -115,8 +118,9 @@ def load_images(records: list[Record], size: int) -> tuple[np.ndarray, list[Reco
     return np.stack(arrays), kept
 
 
-def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally,
-                      source: Path) -> dict[str, int]:
+def write_imagefolder(
+    items: list[tuple[Path, str, dict]], out_dir: Path, cfg: DataConfig, tally: Tally, source: Path
+) -> dict[str, int]:
     """(source image, split, metadata row) -> out_dir/<split>/NNNNNN.png + metadata.jsonl, all or nothing:
     a set with no usable training image is an error that leaves the previous out_dir as it was."""
     counts = dict.fromkeys([*SPLITS, *sorted({split for _, split, _ in items})], 0)  # train and val always exist
@@ -135,19 +139,24 @@ def write_imagefolder(items: list[tuple[Path, str, dict]], out_dir: Path, cfg: D
                         continue
                     name = f"{counts[split]:06d}.png"
                     (tmp / split / name).write_bytes(png)
-                    files[split].write(json.dumps({**row, "file_name": name, "source": str(row.get("source", src.name))}) + "\n")
+                    files[split].write(
+                        json.dumps({**row, "file_name": name, "source": str(row.get("source", src.name))}) + "\n"
+                    )
                     counts[split] += 1
         finally:
             for f in files.values():
                 f.close()
         if counts["train"] == 0:
-            raise DataError(f"no usable training images in {source} ({tally.line()}): add images or lower "
-                            "data.val_size; the previous data set is kept")
+            raise DataError(
+                f"no usable training images in {source} ({tally.line()}): add images or lower "
+                "data.val_size; the previous data set is kept"
+            )
     return counts
 
 
-def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None,
-                  captions_dir: Path | None = None) -> dict[str, int]:
+def import_folder(
+    cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None, captions_dir: Path | None = None
+) -> dict[str, int]:
     """Bring a user imagefolder into blossom's layout, resized, with a stable hash-based val split.
     The user's folder is only read. Images without a caption are captioned first when `caption` is
     given, into a metadata file of blossom's own under captions_dir (default: beside out_dir)."""
@@ -169,17 +178,9 @@ def import_folder(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None 
     for r in records:
         h = int(hashlib.sha1(str(r.meta["file_name"]).encode()).hexdigest()[:8], 16) / 2**32
         row = {k: v for k, v in r.meta.items() if k not in ("file_name", "text")}
-        items.append((r.path, "val" if h < val_share else "train", {"text": r.text, "source": str(r.meta["file_name"]), **row}))
+        items.append(
+            (r.path, "val" if h < val_share else "train", {"text": r.text, "source": str(r.meta["file_name"]), **row})
+        )
     counts = write_imagefolder(items, out_dir, cfg, tally, src)
     log.info("data: %s", tally.line())
     return counts
-
-
-def make_dataset(cfg: DataConfig, out_dir: Path, caption: CaptionConfig | None = None) -> dict[str, int]:
-    if cfg.source == "synthetic":
-        return write_synthetic(cfg, out_dir)
-    if cfg.source == "oxford102":
-        from blossom.data.oxford import import_oxford102
-
-        return import_oxford102(cfg, out_dir, caption or CaptionConfig())
-    return import_folder(cfg, out_dir, caption)

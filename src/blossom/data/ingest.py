@@ -82,8 +82,15 @@ def prepare(path: Path, policy: Policy) -> tuple[np.ndarray | None, str | None, 
                     fixes.append("upscaled")
                 out = _fit(im, policy)
                 return np.asarray(out), None, fixes
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError):
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        EOFError,
+    ):
         return None, "unreadable", fixes
 
 
@@ -105,13 +112,15 @@ def png_bytes(array: np.ndarray) -> bytes:
 def _prepare_many(args: tuple[list[Path], Policy]) -> list[tuple[bytes | None, str | None, list[str]]]:
     paths, policy = args
     # PNG-encoded in the worker: encoding in the parent would make it the bottleneck at larger sizes.
-    return [(png_bytes(a) if a is not None else None, skip, fixes) for a, skip, fixes in (prepare(p, policy) for p in paths)]
+    return [
+        (png_bytes(a) if a is not None else None, skip, fixes) for a, skip, fixes in (prepare(p, policy) for p in paths)
+    ]
 
 
 def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):
     """Yield (index, PNG bytes or None, skip reason, fixes) in order, decoding on `workers` processes."""
     chunk = 64
-    chunks = [(paths[i:i + chunk], policy) for i in range(0, len(paths), chunk)]
+    chunks = [(paths[i : i + chunk], policy) for i in range(0, len(paths), chunk)]
     if workers <= 1 or len(paths) < 2 * chunk:
         results = map(_prepare_many, chunks)
         pool = None

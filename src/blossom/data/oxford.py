@@ -28,11 +28,15 @@ def read_mat(path: Path, key: str):
     from scipy.io.matlab import MatReadError
 
     if not path.exists():
-        raise DataError(f"{path} not found: data.path must be the Oxford 102 folder with jpg/, imagelabels.mat and setid.mat")
+        raise DataError(
+            f"{path} not found: data.path must be the Oxford 102 folder with jpg/, imagelabels.mat and setid.mat"
+        )
     try:
         return loadmat(path)[key].ravel().astype(int)
     except (ValueError, KeyError, TypeError, OSError, MatReadError, IndexError) as e:
-        raise DataError(f"{path} is not the Oxford 102 {path.name} ({type(e).__name__}: no '{key}'): download it again") from None
+        raise DataError(
+            f"{path} is not the Oxford 102 {path.name} ({type(e).__name__}: no '{key}'): download it again"
+        ) from None
 
 
 def class_names(folder: Path, n: int) -> list[str]:
@@ -47,8 +51,12 @@ def class_names(folder: Path, n: int) -> list[str]:
         names = lines[:n] + [None] * (n - len(lines))
         source = as_text
     else:
-        log.warning("%s has no cat_to_name.json or class_names.txt: captions name 'flower class N'; "
-                    "add the 102 class names (one per line, in label order) to %s", folder, as_text)
+        log.warning(
+            "%s has no cat_to_name.json or class_names.txt: captions name 'flower class N'; "
+            "add the 102 class names (one per line, in label order) to %s",
+            folder,
+            as_text,
+        )
         return [f"flower class {i}" for i in range(1, n + 1)]
     missing = [i + 1 for i, name in enumerate(names) if not name]
     if missing:
@@ -56,13 +64,18 @@ def class_names(folder: Path, n: int) -> list[str]:
     return [name.strip() for name in names]
 
 
-def import_oxford102(cfg: DataConfig, out_dir: Path, caption: CaptionConfig, captions_dir: Path | None = None) -> dict[str, int]:
+def import_oxford102(
+    cfg: DataConfig, out_dir: Path, caption: CaptionConfig, captions_dir: Path | None = None
+) -> dict[str, int]:
     """The download is only read; a model's captions go to a file under captions_dir (default: beside out_dir)."""
     from blossom.data.captions import caption_folder, captions_file, scan
 
     root = Path(cfg.path or "")
     if not (root / "jpg").is_dir():
-        raise DataError(f"{root / 'jpg'} not found: data.path must be the Oxford 102 folder with jpg/, imagelabels.mat and setid.mat")
+        raise DataError(
+            f"{root / 'jpg'} not found: data.path must be the Oxford 102 folder with jpg/, imagelabels.mat "
+            "and setid.mat"
+        )
     labels = read_mat(root / "imagelabels.mat", "labels")
     ids = {split: read_mat(root / "setid.mat", key) for split, key in SPLIT_KEYS.items()}
     names = class_names(root, int(labels.max()))
@@ -82,8 +95,12 @@ def import_oxford102(cfg: DataConfig, out_dir: Path, caption: CaptionConfig, cap
             if name.startswith("image_") and name[6:11].isdigit() and row.get("text") and int(name[6:11]) in rows:
                 rows[int(name[6:11])]["text"] = row["text"]
     tally = Tally()
-    items = [(root / "jpg" / f"image_{i:05d}.jpg", split, rows[i]) for split, split_ids in ids.items() for i in split_ids
-             if "text" in rows.get(i, {})]
+    items = [
+        (root / "jpg" / f"image_{i:05d}.jpg", split, rows[i])
+        for split, split_ids in ids.items()
+        for i in split_ids
+        if "text" in rows.get(i, {})
+    ]
     tally.rows["images without a caption"] = sum(len(v) for v in ids.values()) - len(items)
     counts = write_imagefolder(items, out_dir, cfg, tally, root)
     log.info("data: %s", tally.line())

@@ -61,10 +61,14 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{rec_loss.item():.4f}", img_s=f"{bar.n * c.batch_size / max(time.time() - start, 1e-6):.0f}")
+        bar.set_postfix(
+            loss=f"{rec_loss.item():.4f}", img_s=f"{bar.n * c.batch_size / max(time.time() - start, 1e-6):.0f}"
+        )
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mode() for i in range(0, min(len(data), 2048), 256)])
+        latents = torch.cat(
+            [vae.encode(data[i : i + 256]).latent_dist.mode() for i in range(0, min(len(data), 2048), 256)]
+        )
         # Scale latents to unit variance, as Stable Diffusion's VAE does with its 0.18215.
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         recon = reconstruct(vae, val)

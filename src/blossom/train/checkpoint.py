@@ -99,8 +99,12 @@ def load_state(folder: Path, name: str) -> Any:
 
 def rng_state(generators: tuple[torch.Generator, ...]) -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
-             "python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -119,9 +123,19 @@ def set_rng_state(state: dict, generators: tuple[torch.Generator, ...]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, generators: tuple[torch.Generator, ...],
-                    keep: int, extra: dict) -> Path:
-    """Rank 0 writes the checkpoint (with every rank's RNG state, gathered); under ZeRO each rank adds its optimizer shard.
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    rt,
+    engine,
+    ema,
+    lr_scheduler,
+    generators: tuple[torch.Generator, ...],
+    keep: int,
+    extra: dict,
+) -> Path:
+    """Rank 0 writes the checkpoint (with every rank's RNG state, gathered); under ZeRO each rank adds
+    its optimizer shard.
 
     The folder is built under a temp name and renamed whole by rank 0; only then does `latest`
     flip. A kill at any moment leaves `latest` naming a complete checkpoint. Only ZeRO shards need
@@ -140,14 +154,27 @@ def save_checkpoint(ckpt_dir: Path, step: int, rt, engine, ema, lr_scheduler, ge
     if rt.main:
         for rank, rng in enumerate(rngs):
             save_state(tmp, f"rng-rank{rank}", rng)
-        save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}, tmp / "model.safetensors"
+        )
         ema_state = ema.state_dict()
-        save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
-                  tmp / "ema.safetensors")
+        save_file(
+            {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+            tmp / "ema.safetensors",
+        )
         if not engine.sharded:
             save_state(tmp, "optimizer", engine.optimizer_state())
-        write_json(tmp / "state.json", {"step": step, "ema": ema_state, "lr_scheduler": lr_scheduler.state_dict(),
-                                        "world_size": rt.world, "sharded_optimizer": engine.sharded, **extra})
+        write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "ema": ema_state,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "world_size": rt.world,
+                "sharded_optimizer": engine.sharded,
+                **extra,
+            },
+        )
         write_manifest(tmp)
         final = ckpt_dir / name
         if final.exists():
@@ -186,7 +213,9 @@ def resolve(ckpt_dir: Path, which: str) -> Path:
                 log.warning("checkpoint %s; resuming from %s, the newest intact one", "; ".join(problems), path.name)
             return path
         problems.append(f"{path.name} is damaged ({why})")
-    raise BlossomError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}): start a fresh run without --resume")
+    raise BlossomError(
+        f"no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}): start a fresh run without --resume"
+    )
 
 
 def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, *generators: torch.Generator) -> dict:
@@ -194,11 +223,17 @@ def load_checkpoint(path: Path, rt, engine, ema, lr_scheduler, *generators: torc
     if "sharded_optimizer" not in state:
         raise BlossomError(f"{path} is in an older blossom checkpoint format: start a fresh run (without --resume)")
     if state["sharded_optimizer"] != engine.sharded or (engine.sharded and state["world_size"] != rt.world):
-        how = f"DeepSpeed ZeRO over {state['world_size']} processes" if state["sharded_optimizer"] else "without DeepSpeed"
+        how = (
+            f"DeepSpeed ZeRO over {state['world_size']} processes"
+            if state["sharded_optimizer"]
+            else "without DeepSpeed"
+        )
         raise BlossomError(f"{path} was written {how}: resume it the same way (train.deepspeed and the process count)")
     engine.module.load_state_dict({k: v.to(rt.device) for k, v in load_file(path / "model.safetensors").items()})
     ema_tensors = load_file(path / "ema.safetensors")
-    ema.load_state_dict({**state["ema"], "shadow_params": [ema_tensors[str(i)].to(rt.device) for i in range(len(ema_tensors))]})
+    ema.load_state_dict(
+        {**state["ema"], "shadow_params": [ema_tensors[str(i)].to(rt.device) for i in range(len(ema_tensors))]}
+    )
     shard = f"optimizer-rank{rt.rank}" if engine.sharded else "optimizer"
     engine.load_optimizer_state(load_state(path, shard), state["world_size"], rt.rank)
     lr_scheduler.load_state_dict(state["lr_scheduler"])

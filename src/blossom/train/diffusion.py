@@ -84,7 +84,7 @@ def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> No
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([s["step"] for s in stats], [s["loss"] for s in stats], label="train (weighted)")
     if val:
-        ax.plot(*zip(*val), "o-", label="val (noise MSE, fixed seed)")
+        ax.plot(*zip(*val, strict=True), "o-", label="val (noise MSE, fixed seed)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -96,8 +96,14 @@ def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> No
     plt.close(fig)
 
 
-def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, resume: str | None = None,
-                    launch: LaunchEnv = LaunchEnv()) -> dict:
+def train_diffusion(
+    cfg: Config,
+    cache_dir: Path,
+    vae_dir: Path,
+    out_dir: Path,
+    resume: str | None = None,
+    launch: LaunchEnv = LaunchEnv(),
+) -> dict:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -108,12 +114,16 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
     if resume == "auto" or (resume is None and launch.restart_count > 0):
         # `auto` (and a worker group restarted by torchrun) continues a run if there is one to continue.
         resume = "latest" if (ckpt_dir / "latest").exists() else None
-    path = ckpt.resolve(ckpt_dir, resume) if resume else None  # before anything is written: a failed resume changes nothing
+    path = (
+        ckpt.resolve(ckpt_dir, resume) if resume else None
+    )  # before anything is written: a failed resume changes nothing
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and (ckpt_dir / "latest").exists():
             # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
-            log.warning("starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)")
+            log.warning(
+                "starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)"
+            )
             shutil.rmtree(ckpt_dir)
     rt.barrier()
     check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
@@ -145,8 +155,14 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
             stats = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
             stats = [s for s in stats if s["step"] <= start]  # drop what the killed run logged past its checkpoint
         write_text(stats_path, "".join(json.dumps(s) + "\n" for s in stats))
-        log.info("UNet: %.2fM parameters; %d training latents %s; %d process(es)%s", n_params(unet) / 1e6, len(latents),
-                 tuple(latents.shape[1:]), rt.world, f", DeepSpeed {c.deepspeed}" if c.deepspeed else "")
+        log.info(
+            "UNet: %.2fM parameters; %d training latents %s; %d process(es)%s",
+            n_params(unet) / 1e6,
+            len(latents),
+            tuple(latents.shape[1:]),
+            rt.world,
+            f", DeepSpeed {c.deepspeed}" if c.deepspeed else "",
+        )
     bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
     t0 = time.time()
     unet.train()
@@ -180,7 +196,7 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
 
         b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
         bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
-        bins[N_BINS:2 * N_BINS].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
+        bins[N_BINS : 2 * N_BINS].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
         bins[-2:] += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         done = step + 1
         img_s = (done - start) * c.batch_size / (time.time() - t0)
@@ -193,7 +209,10 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
                 "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "images_per_s": round(img_s, 1),
-                "loss_by_t_bin": (total[:N_BINS] / total[N_BINS:2 * N_BINS].clamp(min=1)).float().round(decimals=5).tolist(),
+                "loss_by_t_bin": (total[:N_BINS] / total[N_BINS : 2 * N_BINS].clamp(min=1))
+                .float()
+                .round(decimals=5)
+                .tolist(),
             }
             bins.zero_()
             if rt.main:
@@ -207,8 +226,17 @@ def train_diffusion(cfg: Config, cache_dir: Path, vae_dir: Path, out_dir: Path, 
             if rt.main:
                 log.info("step %d: val loss %.5f", done, val_history[-1][1])
         if done % c.checkpoint_every == 0 or done == c.steps:
-            ckpt.save_checkpoint(ckpt_dir, done, rt, engine, ema, lr_scheduler, (gen, flip_gen), c.keep_checkpoints,
-                                 {"val_history": val_history, "images_seen": done * c.batch_size})
+            ckpt.save_checkpoint(
+                ckpt_dir,
+                done,
+                rt,
+                engine,
+                ema,
+                lr_scheduler,
+                (gen, flip_gen),
+                c.keep_checkpoints,
+                {"val_history": val_history, "images_seen": done * c.batch_size},
+            )
     if stats_file:
         stats_file.close()
 
@@ -238,8 +266,10 @@ def write_model_files(cfg: Config, vae_dir: Path, folder: Path, train_info: dict
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         shutil.copy2(vae_dir / name, folder / "vae" / name)
     noise_scheduler(cfg).save_pretrained(folder / "scheduler")
-    write_json(folder / "blossom.json", {"text": dataclasses.asdict(cfg.text), "preset": cfg.preset,
-                                         "image_size": cfg.data.image_size})
+    write_json(
+        folder / "blossom.json",
+        {"text": dataclasses.asdict(cfg.text), "preset": cfg.preset, "image_size": cfg.data.image_size},
+    )
     write_json(folder / "train.json", train_info)
 
 

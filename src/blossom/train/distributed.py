@@ -65,8 +65,10 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
     if launch.world_size == 1:
         return Runtime(0, 1, device, launch.launched)
     if c.batch_size % launch.world_size:
-        raise ConfigError(f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
-                          f"make it a multiple of {launch.world_size}")
+        raise ConfigError(
+            f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
+            f"make it a multiple of {launch.world_size}"
+        )
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -90,13 +92,19 @@ def deepspeed_config(c: TrainConfig, world: int) -> dict:
     """The user's DeepSpeed JSON with the keys that params.yaml owns filled in from it."""
     path = Path(c.deepspeed)
     if not path.is_file():
-        raise ConfigError(f"train.deepspeed {path} not found: point it at a DeepSpeed JSON such as configs/deepspeed_zero2.json")
+        raise ConfigError(
+            f"train.deepspeed {path} not found: point it at a DeepSpeed JSON such as configs/deepspeed_zero2.json"
+        )
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed {path} is not valid JSON ({e}): fix the file") from None
-    ds.update(train_batch_size=c.batch_size, train_micro_batch_size_per_gpu=c.batch_size // world,
-              gradient_accumulation_steps=1, gradient_clipping=c.grad_clip)
+    ds.update(
+        train_batch_size=c.batch_size,
+        train_micro_batch_size_per_gpu=c.batch_size // world,
+        gradient_accumulation_steps=1,
+        gradient_clipping=c.grad_clip,
+    )
     ds["bf16"] = {"enabled": c.mixed_precision == "bf16"}
     ds["fp16"] = {"enabled": c.mixed_precision == "fp16"}
     return ds
@@ -112,10 +120,14 @@ class Engine:
             try:
                 import deepspeed
             except ImportError:
-                raise ConfigError("train.deepspeed is set but DeepSpeed is not installed: pip install 'blossom[deepspeed]'") from None
+                raise ConfigError(
+                    "train.deepspeed is set but DeepSpeed is not installed: pip install 'blossom[deepspeed]'"
+                ) from None
             if not rt.launched:
-                raise ConfigError("train.deepspeed needs a launcher: torchrun --standalone --nproc_per_node N "
-                                  "-m blossom.cli train (or unset train.deepspeed to train in one process)")
+                raise ConfigError(
+                    "train.deepspeed needs a launcher: torchrun --standalone --nproc_per_node N "
+                    "-m blossom.cli train (or unset train.deepspeed to train in one process)"
+                )
             self.config = deepspeed_config(c, rt.world)
             self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
             self.forward = self.ds
@@ -145,9 +157,18 @@ class Engine:
             return self.optimizer.state_dict()
         # ZeRO's state: this rank's partition of the Adam moments and fp32 master weights, plus layout.
         sd = self.optimizer.state_dict()
-        keep = ("base_optimizer_state", "single_partition_of_fp32_groups", "zero_stage", "group_paddings",
-                "param_alignment_paddings", "partition_count", "ds_version", "clip_grad", "overflow",
-                "dynamic_loss_scale")
+        keep = (
+            "base_optimizer_state",
+            "single_partition_of_fp32_groups",
+            "zero_stage",
+            "group_paddings",
+            "param_alignment_paddings",
+            "partition_count",
+            "ds_version",
+            "clip_grad",
+            "overflow",
+            "dynamic_loss_scale",
+        )
         return {k: (int(v) if k == "zero_stage" else v) for k, v in sd.items() if k in keep}
 
     def load_optimizer_state(self, state: dict, world: int, rank: int) -> None:
@@ -155,5 +176,8 @@ class Engine:
             self.optimizer.load_state_dict(state)
             return
         # DeepSpeed reads only this rank's entry of the list for a checkpoint of the same layout.
-        self.optimizer.load_state_dict([state if r == rank else None for r in range(world)],
-                                       load_optimizer_states=True, load_from_fp32_weights=True)
+        self.optimizer.load_state_dict(
+            [state if r == rank else None for r in range(world)],
+            load_optimizer_states=True,
+            load_from_fp32_weights=True,
+        )

@@ -1,0 +1,35 @@
+"""A blossom model folder's layout: the files it holds and how the exported UNet is fed.
+
+One home for what the backends that read a folder, the export that writes it and the int8
+quantizer that adds to it must agree on. In diffusers' sub-folder names: `unet/`, `vae/`,
+`scheduler/scheduler_config.json` and `blossom.json` (text encoder and token length); an exported
+folder adds `text_encoder/`, `tokenizer/` and `onnx/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_FILES = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
+ONNX_FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"}
+INT8_FILES = {"unet": "unet.int8.onnx", "vae_decoder": "vae_decoder.int8.onnx"}
+
+
+def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
+    return [n for n in needed or MODEL_FILES if not (folder / n).exists()]
+
+
+def has_int8(folder: str | Path) -> bool:
+    return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
+
+
+def unet_feed(latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
+    """The exported UNet's inputs by name: float32 arrays, one timestep per row."""
+    return {
+        "sample": latents.float().numpy(),
+        "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
+        "encoder_hidden_states": text.float().numpy(),
+    }
