@@ -45,6 +45,12 @@ MICRO = [
 ]
 
 
+def micro_args(outputs: Path | None = None) -> list[str]:
+    """The command-line options that run blossom on the micro config (and an outputs folder)."""
+    args = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)]]
+    return [*args, "--set", f"outputs={outputs}"] if outputs is not None else args
+
+
 @pytest.fixture
 def micro_overrides(tmp_path):
     return [*MICRO, f"outputs={tmp_path / 'outputs'}"]

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, PARAMS
+from conftest import micro_args
 from PIL import Image
 
 from blossom.cli import main
@@ -397,9 +397,8 @@ def test_bad_input_is_one_line_and_changes_nothing(setup, code, words, made, tmp
     monkeypatch.delenv("BLOSSOM_OUTPUTS", raising=False)
     argv = setup(root)
     before = tree(root)
-    overrides = [a for m in MICRO for a in ("--set", m)] + ["--set", f"outputs={root / 'outputs'}"]
     if "--params" not in argv:
-        argv = ["--params", str(PARAMS), *overrides, *argv]
+        argv = [*micro_args(root / "outputs"), *argv]
     with pytest.raises(SystemExit) if _usage(argv) else _nothing() as raised:
         status = main(argv)
     if raised is not None:
@@ -441,14 +440,7 @@ def test_a_failed_import_keeps_the_previous_data_set(made, tmp_path, monkeypatch
     root = tmp_path / "project"
     link_copy(made, root)
     before = tree(root / "outputs" / "data")
-    argv = [
-        "--params",
-        str(PARAMS),
-        *[a for m in MICRO for a in ("--set", m)],
-        "--set",
-        f"outputs={root / 'outputs'}",
-        *no_usable_images(root),
-    ]
+    argv = [*micro_args(root / "outputs"), *no_usable_images(root)]
     assert main(argv) == 2
     assert tree(root / "outputs" / "data") == before
     assert not [p for p in (root / "outputs").iterdir() if p.name.endswith(".tmp")]
@@ -471,7 +463,7 @@ def test_a_user_folder_is_never_written(tmp_path, monkeypatch):
     Image.new("RGB", (40, 40)).save(folder / "sub" / "2.png")
     before = tree(folder)
     out = tmp_path / "outputs"
-    argv = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={out}"]
+    argv = micro_args(out)
     assert main([*argv, "caption", str(folder)]) == 0
     assert main([*argv, "data", "--path", str(folder)]) == 0
     assert tree(folder) == before
@@ -504,11 +496,7 @@ def test_kill_9_at_random_points_then_a_plain_rerun_recovers(stage, made, micro_
         sys.executable,
         "-m",
         "blossom.cli",
-        "--params",
-        str(PARAMS),
-        *[a for m in MICRO for a in ("--set", m)],
-        "--set",
-        f"outputs={root / 'outputs'}",
+        *micro_args(root / "outputs"),
         *stage,
     ]
     run = lambda: subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)  # noqa: E731

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, PARAMS
+from conftest import micro_args
 from safetensors.torch import load_file
 from servers import free_port
 
@@ -37,7 +37,7 @@ def run_root(paths, root: Path) -> Path:
 def train_cmd(
     root: Path, *extra: str, procs: int = 1, torchrun_args: tuple[str, ...] = (), accelerate: bool = False
 ) -> list[str]:
-    args = ["--params", str(PARAMS), *[a for m in MICRO for a in ("--set", m)], "--set", f"outputs={root}", *extra]
+    args = [*micro_args(root), *extra]
     if procs == 1:
         return [sys.executable, "-m", "blossom.cli", *args]
     if accelerate:  # the shipped config, as a GPU user runs it; on this CPU machine it trains over gloo

@@ -5,20 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MICRO, PARAMS
+from conftest import micro_args
 from PIL import Image
 
 
 def blossom(*args, cwd):
-    cmd = [
-        sys.executable,
-        "-m",
-        "blossom.cli",
-        "--params",
-        str(PARAMS),
-        *[a for m in MICRO for a in ("--set", m)],
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "blossom.cli", *micro_args(), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
 
 

@@ -122,7 +122,7 @@ def no_model_page() -> None:
     st.info("There is no model to serve yet. Train, export and publish one with one command in the project folder:")
     st.code("make run", language="bash")
     st.caption(
-        "It takes about 20 minutes on a 2-core laptop. Or point the app at a model: "
+        "It takes 15 to 30 minutes on a 2-core laptop. Or point the app at a model: "
         "HF_MODEL_REPO=you/blossom-flowers (a Hub repo) or BLOSSOM_MODEL=path/to/folder."
     )
 
