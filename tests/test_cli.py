@@ -79,3 +79,25 @@ def test_global_options_work_after_the_command_and_combine(capsys, tmp_path):
 def test_python_m_blossom_and_version():
     out = subprocess.run([sys.executable, "-m", "blossom", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("blossom 0.")
+
+
+def test_known_third_party_noise_is_silenced_and_real_warnings_are_not(caplog):
+    import logging
+
+    from blossom.logs import setup
+
+    setup()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger().warning("Please consider pre-processing before quantization. See https://...")
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+        )
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchvision is not installed")
+        logging.getLogger("onnxscript.optimizer._constant_folding").warning("Evaluation failed: cannot reshape")
+        logging.getLogger("transformers.modeling_utils").warning("Some weights were not initialized")
+        logging.getLogger().warning("Please consider lowering the learning rate")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Some weights were not initialized",
+        "Please consider lowering the learning rate",
+    ]

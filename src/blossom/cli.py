@@ -546,22 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     args.params = getattr(args, "sub_params", None) or args.params
     args.preset = getattr(args, "sub_preset", None) or args.preset
     args.verbose = args.verbose or getattr(args, "sub_verbose", False)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in (
-        "httpx",
-        "urllib3",
-        "filelock",
-        "alembic",
-        "mlflow",
-        "aiobotocore",
-        "botocore",
-        "onnx_ir",
-        "onnxscript",
-        "torch.onnx",
-    ):
-        logging.getLogger(noisy).setLevel(logging.ERROR if noisy.startswith(("onnx", "torch")) else logging.WARNING)
+    from blossom.logs import setup
+
+    setup(args.verbose)
     try:
         cfg = load_config(args.params, args.preset, args.set)
         from blossom.models import set_threads
