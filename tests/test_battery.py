@@ -136,6 +136,11 @@ def file_at(root: Path, name: str = "a-file") -> Path:
     return root / name
 
 
+def file_bytes(root: Path, data: bytes) -> Path:
+    (root / "prompts.txt").write_bytes(data)
+    return root / "prompts.txt"
+
+
 def params_file(root: Path, text: str) -> list[str]:
     (root / "p.yaml").write_text(text)
     return ["--params", str(root / "p.yaml"), "data"]
@@ -208,7 +213,7 @@ CASES = [
     # the command line itself
     ("no command", S(), 2, "the following arguments are required"),
     ("unknown command", S("trian"), 2, "invalid choice: 'trian'"),
-    ("generate without prompt", S("generate"), 2, "the following arguments are required: prompt"),
+    ("generate without prompt", S("generate"), 2, "the prompt is empty"),
     ("n not a number", S("generate", "x", "--n", "abc"), 2, "invalid int value: 'abc'"),
     ("steps a fraction", S("generate", "x", "--steps", "1.5"), 2, "invalid int value: '1.5'"),
     ("seed an expression", S("generate", "x", "--seed", "2**70"), 2, "invalid int value"),
@@ -310,8 +315,28 @@ CASES = [
     # generate: refused before any model loads or any image is made
     ("empty prompt", S("generate", "   "), 2, "the prompt is empty"),
     ("prompt too long", S("generate", "petal " * 1000), 2, "above the limit of 2000"),
-    ("n zero", gen("--n", "0"), 2, "--n must be from 1 to"),
-    ("n huge", gen("--n", "100000"), 2, "--n must be from 1 to 10000"),
+    ("n zero", gen("--n", "0"), 2, "--n times the number of prompts must be from 1 to"),
+    ("n huge", gen("--n", "100000"), 2, "must be from 1 to 10000 images per call"),
+    ("n times prompts huge", S("generate", "a", "b", "c", "--n", "4000"), 2, "got 4000 x 3"),
+    ("one of several prompts empty", S("generate", "a red flower", " "), 2, "the prompt is empty"),
+    (
+        "prompts file missing",
+        lambda root: ["generate", "--prompts", str(root / "nope.txt")],
+        2,
+        "cannot read it as UTF-8 text (FileNotFoundError)",
+    ),
+    (
+        "prompts file not text",
+        lambda root: ["generate", "--prompts", str(file_bytes(root, b"\xff\xfe\x00junk"))],
+        2,
+        "cannot read it as UTF-8 text (UnicodeDecodeError)",
+    ),
+    (
+        "prompts file empty",
+        lambda root: ["generate", "--prompts", str(file_bytes(root, b"\n  \n"))],
+        2,
+        "the prompt is empty",
+    ),
     ("steps zero", gen("--steps", "0"), 2, "steps must be a positive number up to 1000"),
     ("steps huge", gen("--steps", "100000"), 2, "steps must be a positive number up to 1000"),
     ("guidance nan", gen("--guidance", "nan"), 2, "guidance must be a number from 0 to 50"),

@@ -101,3 +101,39 @@ def test_known_third_party_noise_is_silenced_and_real_warnings_are_not(caplog):
         "Some weights were not initialized",
         "Please consider lowering the learning rate",
     ]
+
+
+def test_generate_several_prompts_and_a_file_without_overwriting(micro_exported, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from blossom.backends import load_backend
+    from blossom.sampling import sample
+
+    _, folder, _ = micro_exported
+    (tmp_path / "prompts.txt").write_text("a blue flower on sand\n\n  a white flower at night  \n")
+    out = tmp_path / "gen"
+    args = [
+        "generate",
+        "a red flower",
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+    ]
+    assert run(args, capsys)[0] == 0
+    assert run(args, capsys)[0] == 0  # again: numbered on, nothing overwritten
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:03d}.png" for i in range(12)]
+    prompts = ["a red flower"] * 2 + ["a blue flower on sand"] * 2 + ["a white flower at night"] * 2
+    alone = sample(load_backend("torch", folder), prompts, "unipc", 2, 5.0, 5)
+    for i in range(6):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:03d}.png")), alone[i])
+        assert np.array_equal(np.asarray(Image.open(out / f"{i + 6:03d}.png")), alone[i])

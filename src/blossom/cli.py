@@ -320,6 +320,29 @@ def writable_folder(out: Path, flag: str) -> None:
         raise BlossomError(f"{flag} {out} is not writable ({probe} is read-only here): pass another folder") from None
 
 
+def read_prompts(given: list[str], file: str | None) -> list[str]:
+    """The prompts of a generate call: those given, then the file's non-empty lines; each checked."""
+    prompts = list(given)
+    if file:
+        try:
+            text = Path(file).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BlossomError(
+                f"--prompts {file}: cannot read it as UTF-8 text ({type(e).__name__}): pass a text "
+                "file with one prompt per line"
+            ) from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
+    long = next((p for p in prompts if len(p) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        raise BlossomError(
+            f"a prompt is {len(long)} characters, above the limit of {MAX_PROMPT_CHARS} "
+            "(the text encoder reads only its first tokens anyway): shorten it"
+        )
+    return prompts
+
+
 def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     import re
 
@@ -330,20 +353,18 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     from blossom.fsutil import atomic_path
     from blossom.sampling import check_request, sample
 
-    if not args.prompt.strip():
-        raise BlossomError('the prompt is empty: pass one, e.g. blossom generate "a red flower with five round petals"')
-    if len(args.prompt) > MAX_PROMPT_CHARS:
+    prompts = read_prompts(args.prompt, args.prompts)
+    if not 1 <= args.n * len(prompts) <= MAX_IMAGES_PER_CALL:
         raise BlossomError(
-            f"the prompt is {len(args.prompt)} characters, above the limit of {MAX_PROMPT_CHARS} "
-            "(the text encoder reads only its first tokens anyway): shorten it"
+            f"--n times the number of prompts must be from 1 to {MAX_IMAGES_PER_CALL} images per call, "
+            f"got {args.n} x {len(prompts)}"
         )
-    if not 1 <= args.n <= MAX_IMAGES_PER_CALL:
-        raise BlossomError(f"--n must be from 1 to {MAX_IMAGES_PER_CALL} images per call, got {args.n}")
     sampler = args.sampler or cfg.sample.sampler
     steps = cfg.sample.steps if args.steps is None else args.steps
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     seed = cfg.sample.seed if args.seed is None else args.seed
-    check_request(sampler, steps, guidance, seed, args.n)
+    total = args.n * len(prompts)
+    check_request(sampler, steps, guidance, seed, total)
     out = Path(args.out)
     writable_folder(out, "--out")
     backend = load_backend(args.backend, args.model or paths.served_model(), args.precision)
@@ -353,16 +374,17 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     # Never overwrite earlier images: number on from the highest NNN.png already there.
     taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.fullmatch(r"(\d+)\.png", p.name))]
     first = max(taken, default=-1) + 1
-    # Batches bound memory whatever --n is, and each image is on disk as soon as its batch is done;
-    # image i still comes from seed + i, as in one call.
-    with tqdm(total=args.n, desc="generate", unit="img", disable=args.n <= GENERATE_BATCH) as bar:
-        for start in range(0, args.n, GENERATE_BATCH):
-            count = min(GENERATE_BATCH, args.n - start)
-            for i, img in enumerate(sample(backend, [args.prompt] * count, sampler, steps, guidance, seed + start)):
+    # Each prompt's --n images in turn. Batches bound memory whatever the count, and each image is
+    # on disk as soon as its batch is done; image i still comes from seed + i, as in one call.
+    wanted = [p for p in prompts for _ in range(args.n)]
+    with tqdm(total=total, desc="generate", unit="img", disable=total <= GENERATE_BATCH) as bar:
+        for start in range(0, total, GENERATE_BATCH):
+            batch = wanted[start : start + GENERATE_BATCH]
+            for i, img in enumerate(sample(backend, batch, sampler, steps, guidance, seed + start)):
                 with atomic_path(out / f"{first + start + i:03d}.png") as tmp:
                     Image.fromarray(img).save(tmp, format="png")
-            bar.update(count)
-    print(f"generate: {args.n} image(s) -> {out} ({first:03d}.png to {first + args.n - 1:03d}.png)")
+            bar.update(len(batch))
+    print(f"generate: {total} image(s) -> {out} ({first:03d}.png to {first + total - 1:03d}.png)")
 
 
 def cmd_run(cfg: Config, paths: Paths, args) -> None:
@@ -496,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="127.0.0.1")
     s.add_argument("--model", help="model folder to serve (default: the published one in outputs/hub)")
     s.set_defaults(fn=cmd_app)
-    s = sub.add_parser("generate", help="generate images for a prompt")
-    s.add_argument("prompt")
-    s.add_argument("--n", type=int, default=1, help="number of images")
+    s = sub.add_parser("generate", help="generate images for one or more prompts")
+    s.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
+    s.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line, after any given above")
+    s.add_argument("--n", type=int, default=1, help="images per prompt")
     s.add_argument("--steps", type=int)
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int)
