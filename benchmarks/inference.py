@@ -45,7 +45,7 @@ def random_model(root: Path) -> Path:
     model.mkdir()
     build_unet(cfg, encoder.dim, (cfg.vae.latent_channels, size, size)).save_pretrained(model / "unet")
     write_model_files(cfg, root / "vae_src", model, {"val_loss": None, "steps": 0})
-    export(model, root / "export", [PROMPT, "a white flower at night", "a blue flower on sand"])
+    export(model, root / "export", [PROMPT, "a white flower at night", "a blue flower on sand"], int8_bar=False)
     return root / "export"
 
 

@@ -90,7 +90,7 @@ def build(root: Path) -> Path:
         {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256", "image_size": 256},
     )
     write_json(model / "train.json", {"val_loss": None, "steps": 0})
-    export(model, root / "export", [PROMPT, "a white flower at night"], ("unipc", 10, 5.0))
+    export(model, root / "export", [PROMPT, "a white flower at night"], ("unipc", 10, 5.0), int8_bar=False)
     return root / "export"
 
 
