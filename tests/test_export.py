@@ -219,3 +219,29 @@ def test_int8_below_the_bar_is_searched_then_not_shipped(micro_exported, micro_p
     with pytest.raises(ModelError, match="missing onnx/unet.int8.onnx"):
         load_backend("onnx", out, "int8")
     assert load_backend("onnx", out, "auto").precision == "fp32"
+
+
+def test_int8_below_the_bar_ships_the_best_block_and_only_its_weights(
+    micro_exported, micro_prepared, tmp_path, monkeypatch
+):
+    """The shipped UNet is the best try's graph with that try's weights alone (onnx appends to an
+    existing weights file, which once left another try's weights inside the shipped one)."""
+    import blossom.export as export_module
+    from blossom.cli import calibration_captions
+    from blossom.export import export
+    from blossom.quantize import calibration_feeds, quantize_graph
+
+    model, _, _ = micro_exported
+    _, paths = micro_prepared
+    scores = iter([20.0, 30.0, 25.0, 22.0])  # all int8, then mid_block (the best), up_blocks.0, up_blocks.1
+    monkeypatch.setattr(export_module, "int8_psnr", lambda fp32, int8: next(scores))
+    out = tmp_path / "export"
+    export(model, out, calibration_captions(paths.data / "val"), ("ddim", 4, 5.0))
+    decided = json.loads((out / "onnx" / "int8.json").read_text())
+    assert decided["written"] and decided["fp32_block"] == "mid_block" and decided["psnr_db"] == 30.0
+    feeds, _ = calibration_feeds(OnnxBackend(out), calibration_captions(paths.data / "val"), "ddim", 4, 5.0)
+    quantize_graph(out / "onnx" / "unet.onnx", tmp_path / "direct.onnx", feeds, keep=("mid_block",))
+    shipped = (out / "onnx" / "unet.int8.onnx.data").stat().st_size
+    assert shipped == (tmp_path / "direct.onnx.data").stat().st_size
+    assert not list((out / "onnx").glob(".best*"))
+    load_backend("onnx", out, "int8")

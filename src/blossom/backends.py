@@ -72,9 +72,8 @@ class TorchBackend:
             self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         except BlossomError:
             raise
-        except (
-            Exception
-        ) as e:  # truncated weights, a damaged JSON: diffusers, safetensors and json fail each their own way
+        # truncated weights, a damaged JSON: diffusers, safetensors and json each fail their own way
+        except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ModelError(
                 f"cannot load the model at {folder} ({type(e).__name__}: {first}): its files are damaged; "

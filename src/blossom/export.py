@@ -208,7 +208,8 @@ def _move_graph(src: Path, dst: Path) -> None:
     import onnx
 
     model = onnx.load(str(src))
-    for path in src.parent.glob(src.name + "*"):
+    # dst's old weights file too: onnx appends external data to a file that exists
+    for path in [*src.parent.glob(src.name + "*"), *dst.parent.glob(dst.name + "*")]:
         path.unlink()
     onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
