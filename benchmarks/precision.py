@@ -5,7 +5,7 @@ calibrated on the validation captions), and PyTorch fp32 vs bf16 (UNet and VAE d
 bfloat16, which oneDNN runs on AVX512-BF16). The same prompts and seeds for each, scored by the
 attribute classifier.
 
-    .venv/bin/python benchmarks/precision.py [--model outputs/export] [--sampler unipc] [--steps 10] [--per-prompt 8]
+    .venv/bin/python benchmarks/precision.py [--model outputs/export] [--sampler unipc] [--steps 10] [--per-pair 8]
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def main() -> None:
     ap.add_argument("--classifier", default="outputs/classifier")
     ap.add_argument("--sampler", default="unipc")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--per-prompt", type=int, default=8)
+    ap.add_argument("--per-pair", type=int, default=8)
     args = ap.parse_args()
     cfg = load_config()
     set_threads(physical_cores())
     print(machine_line())
     cfg.sample = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.steps)
-    cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
+    cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_pair=args.per_pair)
     with tempfile.TemporaryDirectory() as tmp:
         variants = {
             "ort fp32": OnnxBackend(args.model),
@@ -55,7 +55,12 @@ def main() -> None:
             }
         )
         scores = {
-            k: evaluate(cfg, b, Path(args.classifier), Path(tmp) / f"eval-{k}")["adherence"]["all"]
+            k: {
+                name: v["acc"] if isinstance(v, dict) else v
+                for name, v in evaluate(cfg, b, Path(args.classifier), Path(tmp) / f"eval-{k}")["adherence"][
+                    "template"
+                ]["all"].items()
+            }
             for k, b in variants.items()
         }
     print(f"{args.sampler} {args.steps} steps, guidance 5, one image; adherence over {scores['ort fp32']['n']} images")

@@ -1,10 +1,10 @@
 """Prompt adherence against sampling steps for each sampler, on one trained model, in one run.
 
 Each row samples the same prompts and seeds (every petal-colour x background pair,
-`--per-prompt` draws each) and scores them with the attribute classifier. The question it
+`--per-pair` draws each, held-out pairs twice) and scores them with the attribute classifier. The question it
 answers: at how few steps does each sampler hold the adherence of DDIM at 50?
 
-    .venv/bin/python benchmarks/samplers.py [--model outputs/export] [--per-prompt 3]
+    .venv/bin/python benchmarks/samplers.py [--model outputs/export] [--per-pair 4]
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 from machine import machine_line
 
 from blossom.backends import load_backend, physical_cores
+from blossom.classifier import HEADS
 from blossom.config import load_config
-from blossom.evaluate import HEADS, evaluate
+from blossom.evaluate import evaluate
 from blossom.models import set_threads
 
 GRID = [
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--model", default="outputs/export")
     ap.add_argument("--classifier", default="outputs/classifier")
     ap.add_argument("--backend", default="onnx")
-    ap.add_argument("--per-prompt", type=int, default=3)
+    ap.add_argument("--per-pair", type=int, default=4)
     ap.add_argument("--grid", help="sampler:steps pairs, e.g. ddim:50,unipc:15 (default: the full grid)")
     ap.add_argument(
         "--attributes",
@@ -57,14 +58,14 @@ def main() -> None:
     set_threads(physical_cores())
     print(machine_line())
     backend = load_backend(args.backend, args.model)
-    cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_prompt=args.per_prompt)
+    cfg.evaluate = dataclasses.replace(cfg.evaluate, images_per_pair=args.per_pair)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sampler, steps in grid:
             cfg.sample = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
             start = time.time()
             m = evaluate(cfg, backend, Path(args.classifier), Path(tmp) / f"{sampler}-{steps}")
-            a = m["adherence"]["all"]
+            a = m["adherence"]["template"]["all"]
             rows.append((sampler, steps, a, sum(a[k] for k in keys) / len(keys), (time.time() - start) / a["n"]))
     print(f"score: mean of {', '.join(keys)}; {rows[0][2]['n']} images per row")
     print(f"{'sampler':<8} {'steps':>5} " + " ".join(f"{k:>12}" for k in HEADS) + f" {'score':>6} {'s/image':>8}")

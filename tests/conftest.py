@@ -40,7 +40,7 @@ MICRO = [
     "evaluate.classifier_train_size=64",
     "evaluate.classifier_test_size=32",
     "evaluate.classifier_epochs=1",
-    "evaluate.images_per_prompt=1",
+    "evaluate.images_per_pair=1",
     "evaluate.batch_size=40",
 ]
 

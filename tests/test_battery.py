@@ -150,6 +150,19 @@ def no_outputs(*args: str):
     return lambda root: ["--set", f"outputs={root / 'empty-outputs'}", *args]
 
 
+FOLDER = ["--set", "data.source=folder", "--set", "data.path=u"]  # evaluate reads outputs/data whatever the source
+
+
+def classifier_of(root: Path, **info) -> list[str]:
+    """A classifier folder whose saved description differs from what the model needs."""
+    from blossom.classifier import FORMAT, HEADS
+
+    folder = root / "outputs" / "classifier"
+    folder.mkdir(parents=True)
+    (folder / "classifier.json").write_text(json.dumps({"format": FORMAT, "image_size": 32, "heads": HEADS, **info}))
+    return ["evaluate"]
+
+
 def fake_checkpoint(root: Path) -> list[str]:
     step = root / "outputs" / "train" / "checkpoints" / "step-000004"
     step.mkdir(parents=True)
@@ -183,7 +196,7 @@ CASES = [
         "'sample.steps' is 5000, above its limit",
     ),
     ("train size huge", S("--set", "data.train_size=1000000000", "data"), 2, "above its limit"),
-    ("images per prompt huge", S("--set", "evaluate.images_per_prompt=100000", "evaluate"), 2, "above its limit"),
+    ("images per prompt huge", S("--set", "evaluate.images_per_pair=100000", "evaluate"), 2, "above its limit"),
     ("max tokens zero", S("--set", "text.max_tokens=0", "cache"), 2, "'text.max_tokens' must be positive"),
     ("malformed list", S("--set", "unet.block_out_channels=[1,2", "train"), 2, "not valid YAML"),
     ("override without =", S("--set", "train.steps", "train"), 2, "write it as key=value"),
@@ -300,6 +313,33 @@ CASES = [
     ),
     ("resume from a damaged checkpoint", fake_checkpoint, 2, "no intact checkpoint"),
     ("evaluate without model", no_outputs("evaluate"), 2, "no model at"),
+    ("evaluate without a classifier", S("evaluate"), 2, "run `blossom classifier` first"),
+    ("evaluate a model of another size", S("--set", "data.image_size=48", "evaluate"), 2, "the model draws 32 px"),
+    ("evaluate with another size's classifier", lambda root: classifier_of(root, image_size=64), 2, "reads 64 px"),
+    (
+        "evaluate with another vocabulary's classifier",
+        lambda root: classifier_of(root, heads={"petal_color": ["red"]}),
+        2,
+        "other attribute values",
+    ),
+    (
+        "FID weights not a file",
+        S("--set", "data.source=folder", "--set", "data.path=u", "--set", "evaluate.inception=nope.pth", "evaluate"),
+        2,
+        "evaluate.inception nope.pth is not a file",
+    ),
+    (
+        "FID weights not weights",
+        lambda root: [*FOLDER, "--set", f"evaluate.inception={file_at(root)}", "evaluate"],
+        2,
+        "is not readable weights",
+    ),
+    (
+        "CLIP folder not CLIP",
+        lambda root: [*FOLDER, "--set", f"evaluate.clip={root}", "evaluate"],
+        2,
+        "is not a CLIP model folder",
+    ),
     ("export missing model", lambda root: ["export", "--model", str(root / "nope")], 2, "no model at"),
     ("export a file", lambda root: ["export", "--model", str(file_at(root))], 2, "no model at"),
     (

@@ -21,13 +21,24 @@ def test_run_then_generate(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "petal_color" in res.stdout and "stage seconds" in res.stdout
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert metrics["adherence"]["seen"]["n"] == 35 and metrics["adherence"]["held_out"]["n"] == 5
-    assert 0 <= metrics["adherence"]["all"]["petal_color"] <= 1 and metrics["val_loss"] > 0
+    template = metrics["adherence"]["template"]  # one draw per pair: the template phrasing, held-out pairs twice
+    assert template["seen"]["n"] == 35 and template["held_out"]["n"] == 5 and metrics["images"] == 45
+    assert 0 <= template["all"]["petal_color"]["acc"] <= 1 and metrics["val_loss"] > 0
     grid = Image.open(out / "eval" / "samples.png")
     assert grid.size == (5 * 32, 8 * 32)  # backgrounds across, petal colours down
     run = json.loads((out / "run.json").read_text())
-    assert set(run["seconds"]) == {"data", "train-vae", "cache", "train", "evaluate", "promote", "export", "publish"}
-    for stage in ("data", "vae", "cache", "train", "eval"):
+    assert set(run["seconds"]) == {
+        "data",
+        "train-vae",
+        "cache",
+        "train",
+        "classifier",
+        "evaluate",
+        "promote",
+        "export",
+        "publish",
+    }
+    for stage in ("data", "vae", "cache", "train", "classifier", "eval"):
         assert (out / stage / "config.yaml").exists()
     assert "promoted to champion" in res.stdout  # the first run in a fresh MLflow store
     published = out / "hub" / "blossom-flowers"

@@ -1,10 +1,17 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from conftest import PARAMS
 
+from blossom.classifier import HEADS, load_classifier, render, train_classifier
 from blossom.config import load_config
 from blossom.data import synthetic
-from blossom.evaluate import HEADS, adherence, eval_flowers, load_classifier, train_classifier
+from blossom.errors import BlossomError
+from blossom.evalset import eval_items, nuisance
+from blossom.evaluate import adherence, format_table, frechet_distance
+from blossom.stats import adherence_table, flatten
 
 
 @pytest.fixture(scope="module")
@@ -13,45 +20,114 @@ def classifier(tmp_path_factory):
         PARAMS,
         overrides=[
             "data.image_size=32",
-            "evaluate.classifier_train_size=2000",
+            "evaluate.classifier_train_size=4000",
             "evaluate.classifier_test_size=400",
             "evaluate.classifier_epochs=3",
         ],
     )
     folder = tmp_path_factory.mktemp("classifier")
     ceiling = train_classifier(cfg, folder)
-    model, saved = load_classifier(folder)
-    assert saved == ceiling
-    return model, ceiling
+    model, info = load_classifier(folder, 32)
+    assert info["ceiling"] == ceiling
+    return model, ceiling, folder
 
 
-def test_classifier_ceiling_on_fresh_procedural_images(classifier):
-    # Colour and background are what adherence is judged on: the classifier must read them from
-    # clean procedural images almost without error, or its scores of generated images mean little.
-    _, ceiling = classifier
+def test_classifier_reads_colour_and_background_after_a_short_training(classifier):
+    # Colour and background are what adherence is judged on first: even a 3-epoch classifier on
+    # 2,000 images must read them from clean procedural images almost without error.
+    _, ceiling, _ = classifier
     assert ceiling["petal_color"] >= 0.95
     assert ceiling["background"] >= 0.95
-    assert ceiling["petal_count"] > 1 / len(synthetic.PETAL_COUNTS)  # better than chance, even after 3 short epochs
+    assert ceiling["petal_count"] > 1 / len(synthetic.PETAL_COUNTS)
 
 
-def render(flowers, size=32):
-    rng = np.random.default_rng(0)
-    return np.stack([np.asarray(synthetic.render(f, size, rng)) for f in flowers])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda info: {**info, "image_size": 64}, "reads 64 px images but the model draws 32 px"),
+        (lambda info: {**info, "heads": {**info["heads"], "petal_color": ["red"]}}, "other attribute values"),
+        (lambda info: {**info, "format": 1}, "older format"),
+        (None, "no attribute classifier"),
+    ],
+)
+def test_a_classifier_that_cannot_score_this_model_is_refused_in_one_line(classifier, tmp_path, change, message):
+    _, _, folder = classifier
+    if change is not None:
+        info = json.loads((folder / "classifier.json").read_text())
+        (tmp_path / "classifier.json").write_text(json.dumps(change(info)))
+    with pytest.raises(BlossomError, match=message) as e:
+        load_classifier(tmp_path, 32)
+    assert "blossom classifier" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_adherence_is_high_for_faithful_images_and_chance_for_wrong_ones(classifier):
-    model, _ = classifier
-    flowers = eval_flowers(images_per_prompt=2)
-    faithful = adherence(model, render(flowers), flowers)
-    assert faithful["all"]["petal_color"] >= 0.95 and faithful["all"]["background"] >= 0.95
-    assert faithful["held_out"]["n"] == 2 * len(synthetic.HELD_OUT)
-    assert faithful["seen"]["n"] + faithful["held_out"]["n"] == len(flowers) == 80
+def test_adherence_is_high_for_faithful_images_and_low_for_wrong_ones(classifier):
+    model, _, _ = classifier
+    items = eval_items(images_per_pair=4)
+    images = render(nuisance(items), 32, seed=1)
+    faithful = adherence(model, images, items)
+    assert set(faithful) == {"template", "reordered", "synonyms", "all"}
+    a = faithful["all"]["all"]
+    assert a["n"] == len(items) == 4 * 35 + 8 * 5
+    assert a["petal_color"]["acc"] >= 0.95 and a["background"]["acc"] >= 0.95
+    assert a["petal_count_pm1"]["acc"] >= a["petal_count"]["acc"]
+    for k in HEADS:  # every accuracy carries its 95 % interval around it
+        assert a[k]["lo"] <= a[k]["acc"] <= a[k]["hi"] and 0 < a[k]["hi"] - a[k]["lo"] < 0.2
+    assert faithful["template"]["held_out"]["n"] == 4 * 5 and faithful["template"]["seen"]["n"] == 2 * 35
     # The same images scored against prompts whose colour is rotated by one palette step.
     colors = list(synthetic.PETAL_COLORS)
     wrong = [
-        f.__class__(**{**f.__dict__, "petal_color": colors[(colors.index(f.petal_color) + 1) % len(colors)]})
-        for f in flowers
+        dataclasses.replace(
+            it, flower=dataclasses.replace(it.flower, petal_color=colors[(colors.index(it.flower.petal_color) + 1) % 8])
+        )
+        for it in items
     ]
-    scored = adherence(model, render(flowers), wrong)
-    assert scored["all"]["petal_color"] <= 0.1
-    assert set(scored["all"]) == {*HEADS, "n"}
+    assert adherence(model, images, wrong)["all"]["all"]["petal_color"]["acc"] <= 0.1
+
+
+def test_frechet_distance_sees_collapse_that_accuracy_misses(classifier):
+    model, _, _ = classifier
+    items = eval_items(images_per_pair=16)
+    flowers = nuisance(items)
+    real = render(flowers, 32, seed=1)
+    fresh = render(nuisance(items, seed=7), 32, seed=2)  # the same asks, other draws: the same distribution
+    # Collapse: every image of a colour/background pair is the same image.
+    first = {}
+    collapsed = np.stack(
+        [first.setdefault((f.petal_color, f.background), img) for f, img in zip(flowers, real, strict=True)]
+    )
+    same, mode = frechet_distance(model, fresh, real), frechet_distance(model, collapsed, real)
+    assert mode > 4 * same, (same, mode)
+    assert adherence(model, collapsed, items)["all"]["all"]["background"]["acc"] >= 0.95  # accuracy cannot see it
+
+
+def test_tables_show_every_accuracy_with_its_interval(classifier):
+    model, _, _ = classifier
+    items = eval_items(images_per_pair=4)
+    images = render(nuisance(items), 32, seed=1)
+    scores = adherence(model, images, items)
+    metrics = {
+        "adherence": scores,
+        "ceiling": {"eval_prompts": scores["all"]["all"]},
+        "fd_classifier": 3.2,
+        "images": len(items),
+        "sampler": "unipc",
+        "steps": 15,
+        "guidance": 5.0,
+        "val_loss": 0.1,
+    }
+    rows = adherence_table(metrics)
+    assert rows[0] == [
+        "attribute",
+        "seen pairs",
+        "held-out pairs",
+        "reordered phrasing",
+        "synonyms phrasing",
+        "ceiling eval prompts",
+    ]
+    assert all(len(r) == 6 for r in rows) and len(rows) == 6
+    assert all(cell.count("[") == 1 for r in rows[1:] for cell in r[1:])
+    text = format_table(metrics)
+    assert "95 % Wilson" in text and "Fréchet distance" in text
+    flat = flatten(metrics)
+    assert flat["adherence.template.held_out.petal_color.lo"] <= flat["adherence.template.held_out.petal_color.acc"]
+    assert "sampler" not in flat

@@ -144,10 +144,13 @@ def _with_scores(exported, tmp_path):
     _, out, _ = exported
     folder = tmp_path / "export"
     shutil.copytree(out, folder)
-    scores = {k: 0.5 for k in ("petal_color", "background", "petal_count", "petal_shape")}
+    half = {"acc": 0.5, "lo": 0.4, "hi": 0.6}
+    scores = {k: half for k in ("petal_color", "background", "petal_count", "petal_count_pm1", "petal_shape")}
+    seen = {**scores, "petal_color": {"acc": 0.95, "lo": 0.92, "hi": 0.97}, "n": 280}
     metrics = {
-        "adherence": {"seen": {**scores, "petal_color": 0.95}, "held_out": scores, "all": scores},
-        "ceiling": {**scores, "petal_color": 1.0},
+        "adherence": {"template": {"seen": seen, "held_out": {**scores, "n": 80}, "all": scores}},
+        "ceiling": {"through_vae": {**scores, "petal_color": {"acc": 1.0, "lo": 0.99, "hi": 1.0}}},
+        "images": 360,
         "sampler": "ddim",
         "steps": 30,
         "guidance": 5.0,
@@ -167,7 +170,8 @@ def test_publish_locally_with_a_model_card(exported, tmp_path):
     assert result == {"target": "local", "path": str(local), "reason": "publish.repo_id is not set"}
     card = (local / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\n") and "pipeline_tag: text-to-image" in card
-    assert "| petal colour | 0.95 | 0.50 | 1.00 |" in card and "![samples](samples.png)" in card
+    assert "| petal colour | 0.95 [0.92, 0.97] | 0.50 [0.40, 0.60] | 1.00 [0.99, 1.00] |" in card
+    assert "95 % Wilson intervals; 280 seen + 80 held-out" in card and "![samples](samples.png)" in card
     assert "Intended use and limitations" in card and "Training data" in card
     assert "int8 copies of the UNet and VAE decoder" in card
     val = json.loads((folder / "train.json").read_text())["val_loss"]

@@ -22,7 +22,7 @@ STAGE_MODULES = {
     "push-data": ["blossom.datastore"],
     "train-vae": ["blossom.train.autoencoder"],
     "cache": ["blossom.data.cache", "blossom.models"],
-    "classifier": ["blossom.evaluate"],
+    "classifier": ["blossom.classifier"],
     "train": ["blossom.train.diffusion"],
     "evaluate": ["blossom.evaluate", "blossom.backends"],
     "promote": ["blossom.tracking"],

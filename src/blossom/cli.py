@@ -169,11 +169,31 @@ def cmd_pull_data(cfg: Config, paths: Paths, args) -> None:
 
 
 def cmd_classifier(cfg: Config, paths: Paths, args) -> None:
-    from blossom.evaluate import train_classifier
+    from blossom.classifier import train_classifier
 
     ceiling = train_classifier(cfg, paths.classifier)
     save_config(cfg, paths.classifier / "config.yaml")
-    print(f"classifier: accuracy on procedural flowers (the adherence ceiling) {ceiling} -> {paths.classifier}")
+    print(f"classifier: accuracy on fresh random procedural flowers {ceiling} -> {paths.classifier}")
+
+
+def _classifier_unless_current(cfg: Config, paths: Paths, args) -> None:
+    """`blossom run` trains the classifier once and reuses it while its settings stay the same."""
+    from blossom.classifier import load_classifier
+
+    def settings(c: Config) -> tuple:
+        e = c.evaluate
+        return (e.classifier_train_size, e.classifier_test_size, e.classifier_epochs)
+
+    saved = paths.classifier / "config.yaml"
+    try:
+        load_classifier(paths.classifier, cfg.data.image_size)
+        same = saved.exists() and settings(load_config(saved)) == settings(cfg)
+    except BlossomError:
+        same = False
+    if same:
+        print(f"classifier: reusing {paths.classifier}")
+    else:
+        cmd_classifier(cfg, paths, args)
 
 
 def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
@@ -184,7 +204,7 @@ def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
 
     train_info_path = paths.model / "train.json"
     train_info = json.loads(train_info_path.read_text()) if train_info_path.exists() else None
-    metrics = evaluate(cfg, TorchBackend(paths.model), paths.classifier, paths.eval, train_info)
+    metrics = evaluate(cfg, TorchBackend(paths.model), paths.classifier, paths.eval, train_info, data_dir=paths.data)
     save_config(cfg, paths.eval / "config.yaml")
     print(f"adherence -> {paths.eval / 'metrics.json'}, samples -> {paths.eval / 'samples.png'}")
     print(format_table(metrics))
@@ -398,6 +418,7 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
         ("train-vae", cmd_train_vae),
         ("cache", cmd_cache),
         ("train", cmd_train),
+        ("classifier", _classifier_unless_current),
         ("evaluate", cmd_evaluate),
         ("promote", cmd_promote),
         ("export", cmd_export),

@@ -109,11 +109,14 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    classifier_train_size: int = 6000
-    classifier_test_size: int = 1000
-    classifier_epochs: int = 8
-    images_per_prompt: int = 3
+    classifier_train_size: int = 32000
+    classifier_test_size: int = 2000
+    classifier_epochs: int = 4
+    images_per_pair: int = 16  # draws per colour/background pair (held-out pairs twice); 16 -> 720 images
     batch_size: int = 64
+    real_images: int = 512  # folder / oxford102 data: validation captions drawn for FID, KID and CLIP score
+    inception: str | None = None  # the FID Inception weights file (.pth or .safetensors), for FID and KID
+    clip: str | None = None  # a local CLIP model folder, for CLIP score
 
 
 @dataclass
@@ -322,7 +325,8 @@ LIMITS = {
     "text.max_tokens": 1024,
     "caption.batch_size": 4096,
     "caption.max_new_tokens": 1024,
-    "evaluate.images_per_prompt": 1000,
+    "evaluate.images_per_pair": 1000,
+    "evaluate.real_images": 100_000,
     "data.max_pixels": 2**31,
 }
 

@@ -17,16 +17,11 @@ import yaml
 from blossom.config import PublishConfig
 from blossom.errors import BlossomError
 from blossom.fsutil import atomic_dir, write_text
+from blossom.stats import adherence_note, adherence_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPO = "blossom-flowers"
-ADHERENCE_ROWS = (
-    ("petal_color", "petal colour"),
-    ("background", "background"),
-    ("petal_count", "petal count"),
-    ("petal_shape", "petal shape"),
-)
 
 
 class PublishError(BlossomError):
@@ -82,18 +77,16 @@ def model_card(folder: Path, repo_id: str) -> str:
     )
     if champion:
         lines.append(f"- MLflow: registered version {champion.get('version')}, run `{champion.get('run_id')}`")
-    if metrics:
+    if metrics and "adherence" in metrics:
         lines += [
             "",
-            f"Prompt adherence (an attribute classifier reads the generated images; {metrics.get('sampler')}, "
-            f"{metrics.get('steps')} steps, guidance {metrics.get('guidance')}):",
+            f"Prompt adherence (an attribute classifier reads the generated images; {adherence_note(metrics)}):",
             "",
-            "| attribute | seen pairs | held-out pairs | classifier ceiling |",
-            "|---|---|---|---|",
         ]
-        adh, ceiling = metrics["adherence"], metrics["ceiling"]
-        for key, label in ADHERENCE_ROWS:
-            lines.append(f"| {label} | {adh['seen'][key]:.2f} | {adh['held_out'][key]:.2f} | {ceiling[key]:.2f} |")
+        rows = adherence_table(metrics)
+        lines += ["| " + " | ".join(r) + " |" for r in rows[:1]]
+        lines.append("|" + "---|" * len(rows[0]))
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if (folder / "samples.png").exists():
         lines += [
             "",

@@ -16,6 +16,7 @@ from typing import Any
 
 from blossom.config import Config, redact
 from blossom.errors import BlossomError
+from blossom.stats import flatten as numeric
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,15 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
             for step, value in train_info["val_history"]:
                 mlflow.log_metric("val_loss", value, step=step)
             if eval_metrics:
-                for group, scores in eval_metrics["adherence"].items():
-                    mlflow.log_metrics({f"adherence.{group}.{k}": v for k, v in scores.items() if k != "n"})
-                mlflow.log_metrics({f"ceiling.{k}": v for k, v in eval_metrics["ceiling"].items()})
+                mlflow.log_metrics(
+                    numeric(
+                        {
+                            k: eval_metrics[k]
+                            for k in ("adherence", "ceiling", "fd_classifier", "real_images")
+                            if k in eval_metrics
+                        }
+                    )
+                )
                 mlflow.log_artifact(str(eval_dir / "samples.png"), "images")
                 mlflow.log_artifact(str(metrics_path))
                 # The model carries its own scores, so the champion's card can show them later.

@@ -19,6 +19,7 @@ from PIL import Image
 from blossom.config import app_settings
 from blossom.errors import BlossomError
 from blossom.sampling import SAMPLERS
+from blossom.stats import adherence_table
 
 BACKEND_LABELS = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
 EXAMPLES = [
@@ -106,15 +107,10 @@ def sidebar(folder: Path) -> None:
         st.sidebar.caption(
             f"{train.get('steps')} training steps, {train.get('unet_params', 0) / 1e6:.1f}M-parameter UNet"
         )
-    if metrics:
-        seen = metrics["adherence"]["seen"]
-        st.sidebar.write("Prompt adherence (seen pairs)")
-        st.sidebar.table(
-            {
-                "attribute": ["petal colour", "background", "petal count", "petal shape"],
-                "accuracy": [f"{seen[k]:.2f}" for k in ("petal_color", "background", "petal_count", "petal_shape")],
-            }
-        )
+    if metrics and "adherence" in metrics:
+        rows = adherence_table(metrics)
+        st.sidebar.write("Prompt adherence (accuracy [95 % interval])")
+        st.sidebar.table({head: [r[i] for r in rows[1:]] for i, head in enumerate(rows[0][:3])})
 
 
 def no_model_page() -> None:

@@ -1,0 +1,137 @@
+"""FID, KID and CLIP score for data that is not procedural (a folder of images, Oxford 102).
+
+Standard numbers need standard networks, which cannot be downloaded here: `evaluate.inception`
+names the FID Inception weights (torch-fidelity's pt_inception-2015-12-05 file, or the same
+tensors as .safetensors) and `evaluate.clip` a local CLIP folder (transformers format). Each
+metric whose network is not given is skipped with one line saying which setting enables it; the
+rest are still computed. Prompts are the validation captions; real images the validation images.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blossom.config import Config
+from blossom.data.folder import load_images, read_metadata
+from blossom.errors import BlossomError
+from blossom.images import image_grid
+
+log = logging.getLogger(__name__)
+
+
+def _inception_state(path: Path) -> dict[str, torch.Tensor]:
+    """The weights as plain tensors, read without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise BlossomError(
+            f"evaluate.inception {path} is not a file: give the FID Inception weights (.pth or .safetensors)"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BlossomError(
+            f"evaluate.inception {path} is not readable weights ({first}): give the FID Inception file"
+        ) from None
+
+
+def inception(path: Path) -> torch.nn.Module:
+    """torchmetrics' FID Inception (2048-d pool features) with the given weights."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    state = _inception_state(path)
+    # torch-fidelity unpickles whatever file it is given; it gets one that this process wrote.
+    with tempfile.TemporaryDirectory() as tmp:
+        own = Path(tmp) / "inception.pth"
+        torch.save({k: v.contiguous() for k, v in state.items()}, own)
+        try:
+            return NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(own)
+            )
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["mismatch"])[0][:160]
+            raise BlossomError(f"evaluate.inception {path} is not the FID Inception network ({first})") from None
+
+
+def clip_loader(folder: Path):
+    """A loader for torchmetrics' CLIPScore: a local CLIP model and processor."""
+    if not (folder / "config.json").is_file():
+        raise BlossomError(
+            f"evaluate.clip {folder} is not a CLIP model folder (no config.json): give a local CLIP folder"
+        )
+
+    def load():
+        from transformers import CLIPModel, CLIPProcessor
+
+        class Projected(CLIPModel):
+            # transformers 5 returns the projected embedding as an output's pooler_output;
+            # torchmetrics (1.9) expects the tensor itself.
+            def get_image_features(self, *args, **kwargs):
+                return _tensor(super().get_image_features(*args, **kwargs))
+
+            def get_text_features(self, *args, **kwargs):
+                return _tensor(super().get_text_features(*args, **kwargs))
+
+        return Projected.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+    return load
+
+
+def _tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def real_image_metrics(cfg: Config, backend, generate, data_dir: Path) -> tuple[dict, dict]:
+    e = cfg.evaluate
+    # the networks first: a wrong path fails in one line before minutes of sampling
+    net = inception(Path(e.inception)) if e.inception else None
+    clip = clip_loader(Path(e.clip)) if e.clip else None
+    records = read_metadata(data_dir / "val")[: e.real_images]
+    real, records = load_images(records, cfg.data.image_size)
+    prompts = [r.text for r in records]
+    fake = generate(backend, prompts, cfg, "evaluate: sampling")
+    metrics: dict = {"images": len(fake), "skipped": {}}
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).contiguous()
+    fake_t = torch.from_numpy(fake).permute(0, 3, 1, 2).contiguous()
+    if net is not None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=net)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            kid = KernelInceptionDistance(feature=net, subsets=50, subset_size=min(100, len(fake)))
+        for metric in (fid, kid):
+            metric.update(real_t, real=True)
+            metric.update(fake_t, real=False)
+        torch.manual_seed(0)
+        kid_mean, kid_std = kid.compute()
+        metrics["fid"] = round(float(fid.compute()), 3)
+        metrics["kid"] = {"mean": round(float(kid_mean), 5), "std": round(float(kid_std), 5)}
+    else:
+        metrics["skipped"]["fid, kid"] = "set evaluate.inception to the FID Inception weights file"
+    if clip is not None:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        for key, images in (("clip_score", fake_t), ("clip_score_real", real_t)):  # real: the captions' own images
+            score = CLIPScore(model_name_or_path=clip)
+            score.update(list(images), prompts)
+            metrics[key] = round(float(score.compute()), 3)
+    else:
+        metrics["skipped"]["clip_score"] = "set evaluate.clip to a local CLIP model folder"
+    for name, why in metrics["skipped"].items():
+        log.warning("evaluate: %s not computed: %s", name, why)
+    files = {
+        "samples.png": image_grid(np.concatenate([fake[:8], real[:8]]), cols=8),
+        "prompts.txt": "\n".join(prompts) + "\n",
+    }
+    return {"real_images": metrics}, files

@@ -1,0 +1,155 @@
+"""FID, KID and CLIP score for folder data, with stand-in networks the tests build (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PARAMS
+from PIL import Image
+
+from blossom.config import load_config
+from blossom.errors import BlossomError
+from blossom.realmetrics import inception, real_image_metrics
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """The FID Inception architecture with random weights, saved as safetensors (the real file is 91 MB)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from safetensors.torch import save_file
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, strict=True: None)
+    torch.manual_seed(0)
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    mp.undo()
+    for m in net.modules():  # He init keeps activations alive through 90 random ReLU layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
+
+    root = tmp_path_factory.mktemp("clip")
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz "])}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizerFast(str(root / "vocab.json"), str(root / "merges.txt"), pad_token="<|endoftext|>")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folder = root / "clip"
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def folder_data(root: Path, n: int = 24) -> Path:
+    """outputs/data/val as the data stage writes it for a folder source."""
+    val = root / "data" / "val"
+    val.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(val / "metadata.jsonl", "w") as fh:
+        for i in range(n):
+            base = rng.integers(0, 255, 3)
+            img = np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(val / f"{i:03d}.png")
+            fh.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a photo number {i}"}) + "\n")
+    return root / "data"
+
+
+def run(tmp_path, fake, **settings):
+    data = folder_data(tmp_path)
+    overrides = ["data.source=folder", f"data.path={tmp_path}", "data.image_size=32"] + [
+        f"evaluate.{k}={v}" for k, v in settings.items()
+    ]
+    cfg = load_config(PARAMS, overrides=overrides)
+    real = np.stack([np.asarray(Image.open(p)) for p in sorted((data / "val").glob("*.png"))])
+
+    def generate(backend, prompts, cfg, desc):
+        return fake(real[: len(prompts)])
+
+    metrics, files = real_image_metrics(cfg, None, generate, data)
+    return metrics["real_images"], files
+
+
+def test_fid_kid_and_clip_score_from_local_networks(tmp_path, inception_file, clip_folder):
+    close, _ = run(tmp_path / "a", lambda r: np.roll(r, 1, axis=0), inception=inception_file, clip=clip_folder)
+    noise, _ = run(
+        tmp_path / "b",
+        lambda r: np.random.default_rng(1).integers(0, 255, r.shape).astype(np.uint8),
+        inception=inception_file,
+        clip=clip_folder,
+    )
+    assert close["images"] == 24 and close["skipped"] == {}
+    assert 0 <= close["fid"] < noise["fid"]  # the same images in another order are nearer than noise
+    assert close["kid"]["mean"] < noise["kid"]["mean"]
+    assert np.isfinite(close["clip_score"]) and np.isfinite(close["clip_score_real"])
+
+
+def test_missing_networks_skip_their_metrics_and_say_which_setting_enables_them(tmp_path, caplog):
+    metrics, files = run(tmp_path, lambda r: r)
+    assert set(metrics["skipped"]) == {"fid, kid", "clip_score"}
+    assert (
+        "evaluate.inception" in metrics["skipped"]["fid, kid"] and "evaluate.clip" in metrics["skipped"]["clip_score"]
+    )
+    assert "fid" not in metrics and metrics["images"] == 24 and files["samples.png"].shape == (64, 256, 3)
+    assert "not computed" in caplog.text
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p, "is not a file"),  # never written
+        (lambda p: (p.write_bytes(b"\x00garbage"), p)[1], "is not readable weights"),
+        (lambda p: (p.write_bytes(pickle.dumps({"x": Boom()})), p)[1], "is not readable weights"),  # never unpickled
+        (lambda p: (torch.save({"fc.weight": torch.zeros(2, 2)}, p), p)[1], "is not the FID Inception network"),
+    ],
+)
+def test_bad_inception_weights_are_refused_in_one_line(tmp_path, capsys, make, message):
+    path = make(tmp_path / "weights.pth")
+    with pytest.raises(BlossomError, match=message) as e:
+        inception(path)
+    assert "\n" not in str(e.value) and "unpickled!" not in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_clip_is_refused(tmp_path):
+    from blossom.realmetrics import clip_loader
+
+    with pytest.raises(BlossomError, match="not a CLIP model folder"):
+        clip_loader(tmp_path)
