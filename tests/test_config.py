@@ -88,3 +88,13 @@ def test_no_credentials_in_tracked_project_files():
         text = (PARAMS.parent / name).read_text(errors="ignore")
         for pattern in patterns:
             assert not re.search(pattern, text), f"{name} matches {pattern}"
+
+
+def test_a_bare_no_written_by_yaml_1_2_tools_still_means_no(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml in YAML 1.2, where `no` needs no quotes; PyYAML reads it as false.
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(params).train.mixed_precision == "no"
+    params.write_text("train:\n  mixed_precision: yes\n")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(params)

@@ -175,3 +175,108 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
         data = path.read_bytes()
         for secret in CANARIES.values():
             assert secret.encode() not in data, f"{secret} leaked into {path}"
+
+
+def dvc(root: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    res = subprocess.run([DVC, *args], cwd=root, capture_output=True, text=True, env=env, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def commit_all(root: Path) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=root, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_dvc_experiments_show_metrics_and_plots_diff_draws_their_curves(tmp_path):
+    root = micro_project(tmp_path / "proj")
+    (root / ".gitignore").write_text("outputs/\nmlflow.db\nmlruns/\ndvc-storage/\n")
+    commit_all(root)
+    dvc(root, "exp", "run", "-n", "lr-a", "-S", "train.lr=0.001")
+    dvc(root, "exp", "run", "-n", "lr-b", "-S", "train.lr=0.0003")
+    shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    exps = {
+        e["name"]: e["data"]
+        for row in shown
+        for e in [*(row.get("experiments") or [])]
+        for e in (e.get("revs") or [])
+        if e.get("name")
+    }
+    assert {"lr-a", "lr-b"} <= set(exps), shown
+    for name, lr in (("lr-a", 0.001), ("lr-b", 0.0003)):
+        data = exps[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        metrics = data["metrics"]
+        assert "data" in metrics["reports/metrics/train.json"], metrics
+        train = metrics["reports/metrics/train.json"]["data"]
+        evaluate = metrics["reports/metrics/evaluate.json"]["data"]
+        assert train["val_loss"] > 0 and train["steps"] == 4
+        assert 0 <= evaluate["petal_color_seen"] <= 1 and 0 <= evaluate["background_held_out"] <= 1
+    assert (
+        exps["lr-a"]["metrics"]["reports/metrics/train.json"]["data"]["val_loss"]
+        != (exps["lr-b"]["metrics"]["reports/metrics/train.json"]["data"]["val_loss"])
+    )
+    # `dvc plots diff` draws both experiments' loss curves from the CSVs train wrote.
+    plots = json.loads(dvc(root, "plots", "diff", "lr-a", "lr-b", "--json").stdout)["data"]
+    (loss,) = plots["reports/plots/loss.csv"]
+    points = loss["content"]["data"]["values"]
+    assert loss["revisions"] == ["lr-a", "lr-b"] and {p["rev"] for p in points} == {"lr-a", "lr-b"}
+    lr_a = [float(p["loss"]) for p in points if p["rev"] == "lr-a"]
+    assert len(lr_a) == 4 and lr_a != [float(p["loss"]) for p in points if p["rev"] == "lr-b"]
+    assert "reports/plots/adherence.csv" in plots and "reports/plots/val_loss.csv" in plots
+
+
+@pytest.mark.slow
+def test_repro_killed_during_training_resumes_it_and_matches_an_uninterrupted_run(tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    root = micro_project(tmp_path / "proj")
+    set_param(root, "train.steps", 40)
+    set_param(root, "train.checkpoint_every", 5)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [DVC, "repro", "train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpts = root / "outputs" / "train" / "checkpoints"
+    deadline = time.time() + 600
+    while not (ckpts / "step-000010").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and blossom train, as a killed terminal would
+    proc.wait()
+    assert (ckpts / "step-000010").is_dir() and not (root / "outputs" / "train" / "model").exists()
+    _, _, out = repro(root, "train")
+    log = (root / "repro.log").read_text()
+    assert "resumed from step-0000" in log, out[-2000:]
+    resumed = load_file(root / "outputs" / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    # the same pipeline, never interrupted
+    clean = micro_project(tmp_path / "clean")
+    set_param(clean, "train.steps", 40)
+    set_param(clean, "train.checkpoint_every", 5)
+    repro(clean, "train")
+    reference = load_file(clean / "outputs" / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch_equal(resumed[k], reference[k]) for k in reference)
+
+    # a changed setting never resumes the old run's checkpoints
+    set_param(root, "train.lr", 5e-4)
+    repro(root, "train")
+    assert "starting a fresh run" in (root / "repro.log").read_text().split("resumed from")[-1]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -169,7 +169,13 @@ def test_publish_locally_with_a_model_card(exported, tmp_path):
     local = tmp_path / "hub" / "blossom-flowers"
     assert result == {"target": "local", "path": str(local), "reason": "publish.repo_id is not set"}
     card = (local / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0\n") and "pipeline_tag: text-to-image" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data  # the Hub's own parser reads the metadata back
+    assert data.license == "apache-2.0" and data.pipeline_tag == "text-to-image" and data.library_name == "diffusers"
+    assert len(data.eval_results) == 8 and data.eval_results[0].metric_value == 0.95  # model-index: adherence
+    assert data.eval_results[0].dataset_type == "procedural-flowers" and data.widget[0]["text"]
+    assert "trained with blossom on procedural flowers" in card
     assert "| petal colour | 0.95 [0.92, 0.97] | 0.50 [0.40, 0.60] | 1.00 [0.99, 1.00] |" in card
     assert "95 % Wilson intervals; 280 seen + 80 held-out" in card and "![samples](samples.png)" in card
     assert "Intended use and limitations" in card and "Training data" in card

@@ -14,19 +14,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "blossom"
 
-# The module each stage's command runs (cli.cmd_<stage> parses arguments and calls it). cli.py
+# The modules each stage's command runs (cli.cmd_<stage> parses arguments and calls them; report
+# writes the metrics and plots DVC reads). cli.py
 # itself is left out of the deps on purpose: listing it would rerun the whole pipeline for a
 # help-text edit.
 STAGE_MODULES = {
     "data": ["blossom.data.sources"],
     "push-data": ["blossom.datastore"],
-    "train-vae": ["blossom.train.autoencoder"],
+    "train-vae": ["blossom.train.autoencoder", "blossom.report"],
     "cache": ["blossom.data.cache", "blossom.models"],
     "classifier": ["blossom.classifier"],
-    "train": ["blossom.train.diffusion"],
-    "evaluate": ["blossom.evaluate", "blossom.backends"],
+    "train": ["blossom.train.diffusion", "blossom.report"],
+    "evaluate": ["blossom.evaluate", "blossom.backends", "blossom.report"],
     "promote": ["blossom.tracking"],
-    "export": ["blossom.export"],
+    "export": ["blossom.export", "blossom.report"],
     "publish": ["blossom.publish"],
 }
 

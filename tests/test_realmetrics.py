@@ -19,8 +19,9 @@ from blossom.realmetrics import inception, real_image_metrics
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory) -> Path:
-    """The FID Inception architecture with random weights, saved as safetensors (the real file is 91 MB)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    """The FID Inception architecture with random weights, saved as safetensors (the real file is 91 MB).
+    Needs torch-fidelity, whose torchvision has no CPU build on the CI machines: skipped there."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
     from safetensors.torch import save_file
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -103,28 +104,44 @@ def run(tmp_path, fake, **settings):
     return metrics["real_images"], files
 
 
-def test_fid_kid_and_clip_score_from_local_networks(tmp_path, inception_file, clip_folder):
-    close, _ = run(tmp_path / "a", lambda r: np.roll(r, 1, axis=0), inception=inception_file, clip=clip_folder)
-    noise, _ = run(
-        tmp_path / "b",
-        lambda r: np.random.default_rng(1).integers(0, 255, r.shape).astype(np.uint8),
-        inception=inception_file,
-        clip=clip_folder,
-    )
-    assert close["images"] == 24 and close["skipped"] == {}
-    assert 0 <= close["fid"] < noise["fid"]  # the same images in another order are nearer than noise
-    assert close["kid"]["mean"] < noise["kid"]["mean"]
+def shuffled(r):
+    return np.roll(r, 1, axis=0)
+
+
+def noise(r):
+    return np.random.default_rng(1).integers(0, 255, r.shape).astype(np.uint8)
+
+
+def test_clip_score_and_distances_on_clip_features_from_a_local_clip(tmp_path, clip_folder):
+    close, _ = run(tmp_path / "a", shuffled, clip=clip_folder)
+    far, _ = run(tmp_path / "b", noise, clip=clip_folder)
+    assert close["images"] == 24 and set(close["skipped"]) == {"fid, kid"}
+    assert 0 <= close["fd_clip"] < far["fd_clip"]  # the same images in another order are nearer than noise
+    assert close["kid_clip"]["mean"] < far["kid_clip"]["mean"]
     assert np.isfinite(close["clip_score"]) and np.isfinite(close["clip_score_real"])
+
+
+def test_classic_fid_and_kid_from_local_inception_weights(tmp_path, inception_file):
+    close, _ = run(tmp_path / "a", shuffled, inception=inception_file)
+    far, _ = run(tmp_path / "b", noise, inception=inception_file)
+    assert 0 <= close["fid"] < far["fid"] and close["kid"]["mean"] < far["kid"]["mean"]
 
 
 def test_missing_networks_skip_their_metrics_and_say_which_setting_enables_them(tmp_path, caplog):
     metrics, files = run(tmp_path, lambda r: r)
-    assert set(metrics["skipped"]) == {"fid, kid", "clip_score"}
-    assert (
-        "evaluate.inception" in metrics["skipped"]["fid, kid"] and "evaluate.clip" in metrics["skipped"]["clip_score"]
-    )
+    assert set(metrics["skipped"]) == {"fid, kid", "clip_score, fd_clip, kid_clip"}
+    assert "evaluate.inception" in metrics["skipped"]["fid, kid"]
+    assert "evaluate.clip" in metrics["skipped"]["clip_score, fd_clip, kid_clip"]
     assert "fid" not in metrics and metrics["images"] == 24 and files["samples.png"].shape == (64, 256, 3)
     assert "not computed" in caplog.text
+
+
+try:
+    import torch_fidelity  # noqa: F401
+
+    HAVE_FIDELITY = True
+except Exception:
+    HAVE_FIDELITY = False
 
 
 class Boom:
@@ -138,7 +155,10 @@ class Boom:
         (lambda p: p, "is not a file"),  # never written
         (lambda p: (p.write_bytes(b"\x00garbage"), p)[1], "is not readable weights"),
         (lambda p: (p.write_bytes(pickle.dumps({"x": Boom()})), p)[1], "is not readable weights"),  # never unpickled
-        (lambda p: (torch.save({"fc.weight": torch.zeros(2, 2)}, p), p)[1], "is not the FID Inception network"),
+        (
+            lambda p: (torch.save({"fc.weight": torch.zeros(2, 2)}, p), p)[1],
+            "is not the FID Inception network" if HAVE_FIDELITY else "needs torch-fidelity",
+        ),
     ],
 )
 def test_bad_inception_weights_are_refused_in_one_line(tmp_path, capsys, make, message):

@@ -141,6 +141,78 @@ def test_logging_and_promotion_through_a_real_mlflow_server(trained, mlflow_serv
     assert sorted(v.version for v in versions) == ["1", "2"]
     run = client.get_run(client.get_model_version_by_alias(cfg.tracking.model_name, "champion").run_id)
     assert run.data.metrics["val_loss"] == 0.5 and run.data.params["train.steps"] == str(cfg.train.steps)
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/unet" in artifacts and "model/train.json" in artifacts
     assert (tmp / "champion" / "unet" / "diffusion_pytorch_model.safetensors").exists()  # downloaded via the server
+    assert (tmp / "champion" / "train.json").exists() and not (tmp / "champion" / "MLmodel").exists()
+
+
+def decode_png(text: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def test_the_champion_is_a_standard_mlflow_model(trained):
+    """`models:/blossom@champion` loads with MLflow alone and draws; its MLmodel has a signature."""
+    import mlflow
+    import pandas as pd
+
+    cfg, train_dir, tmp = trained
+    with_val_loss(train_dir, 0.3)
+    promote(cfg, log_training_run(cfg, train_dir, tmp / "no-eval"), tmp / "champion")
+    uri = f"models:/{cfg.tracking.model_name}@champion"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.input_names() == ["prompt"] and info.signature.outputs.input_names() == ["image"]
+    assert {p.name for p in info.signature.params} == {"sampler", "steps", "guidance", "seed"}
+    assert "python_function" in info.flavors
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"prompt": ["a red flower", "a blue flower"]}), params={"steps": 2, "seed": 3})
+    images = [decode_png(t) for t in out["image"]]
+    assert len(images) == 2 and images[0].size == (32, 32) and images[0].tobytes() != images[1].tobytes()
+    again = model.predict(pd.DataFrame({"prompt": ["a red flower"]}), params={"steps": 2, "seed": 3})
+    assert decode_png(again["image"][0]).tobytes() == images[0].tobytes()  # same seed, same image
+    with pytest.raises(Exception, match="steps must be"):
+        model.predict(pd.DataFrame({"prompt": ["a red flower"]}), params={"steps": 0})
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_serves_the_champion(trained):
+    """The champion behind MLflow's own REST server (`mlflow models serve`), as an MLOps user deploys it."""
+    import os
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from servers import free_port, process_group
+
+    cfg, train_dir, tmp = trained
+    with_val_loss(train_dir, 0.3)
+    promote(cfg, log_training_run(cfg, train_dir, tmp / "no-eval"), tmp / "champion")
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{cfg.tracking.model_name}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    from servers import http_ok
+
+    bin_dir = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    with process_group(cmd, tmp / "serve.log", http_ok(f"http://127.0.0.1:{port}/ping"), timeout=180, env=env):
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["prompt"], "data": [["a red flower"]]}, "params": {"steps": 2}}
+        ).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            predictions = json.loads(resp.read())["predictions"]
+    assert decode_png(predictions[0]["image"]).size == (32, 32)

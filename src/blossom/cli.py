@@ -93,8 +93,13 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
         save_config(cfg, paths.vae / "config.yaml")  # the stage's output names the VAE in use
         print(f"train-vae: skipped, using the pretrained VAE at {cfg.vae.pretrained}")
         return
+    from blossom import report
+
     stats = train_vae(cfg, paths.data, paths.vae)
     save_config(cfg, paths.vae / "config.yaml")
+    report.write_metrics(
+        paths.root, "train-vae", {k: stats.get(k) for k in ("val_psnr_db", "scaling_factor", "params")}
+    )
     print(f"train-vae: {stats['params'] / 1e6:.2f}M parameters, val PSNR {stats['val_psnr_db']} dB -> {paths.vae}")
 
 
@@ -118,11 +123,13 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
 
 
 def cmd_train(cfg: Config, paths: Paths, args) -> dict:
+    from blossom import report
     from blossom.train.diffusion import train_diffusion
 
     launch = launch_env()
     result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume, launch=launch)
     if launch.rank == 0:
+        report.training(paths.root, paths.train, result)
         print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")
     return result
 
@@ -199,6 +206,7 @@ def _classifier_unless_current(cfg: Config, paths: Paths, args) -> None:
 def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
     import json
 
+    from blossom import report
     from blossom.backends import TorchBackend
     from blossom.evaluate import evaluate, format_table
 
@@ -206,6 +214,7 @@ def cmd_evaluate(cfg: Config, paths: Paths, args) -> dict:
     train_info = json.loads(train_info_path.read_text()) if train_info_path.exists() else None
     metrics = evaluate(cfg, TorchBackend(paths.model), paths.classifier, paths.eval, train_info, data_dir=paths.data)
     save_config(cfg, paths.eval / "config.yaml")
+    report.evaluation(paths.root, metrics)
     print(f"adherence -> {paths.eval / 'metrics.json'}, samples -> {paths.eval / 'samples.png'}")
     print(format_table(metrics))
     return metrics
@@ -245,7 +254,10 @@ def cmd_export(cfg: Config, paths: Paths, args) -> dict:
     diffs = export(source, paths.export, calibration, (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
     import json
 
+    from blossom import report
+
     psnr = diffs.pop("image_int8_psnr_db", None)
+    report.write_metrics(paths.root, "export", {"parity_max_abs_diff": max(diffs.values()), "int8_psnr_db": psnr})
     int8 = "; no int8 (no calibration captions)"
     if psnr is not None:
         decided = json.loads((paths.export / "onnx" / "int8.json").read_text())

@@ -77,7 +77,7 @@ class UNetConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3  # the recipe study (docs/quality.md): val loss 0.106 -> 0.093 at 1e-3's minutes
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -225,6 +225,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 (PyYAML) reads a bare `no` as false; tools writing YAML 1.2 (DVC's `exp run -S`)
+        # leave `mixed_precision: no` unquoted
+        return "no" if value is False else "yes"
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value

