@@ -98,3 +98,38 @@ def test_a_bare_no_written_by_yaml_1_2_tools_still_means_no(tmp_path):
     params.write_text("train:\n  mixed_precision: yes\n")
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(params)
+
+
+@pytest.mark.parametrize(
+    ("env", "train", "result"),
+    [
+        ({"mixed_precision": "bf16"}, {}, "bf16"),  # accelerate launch --mixed_precision bf16 is honoured
+        ({"mixed_precision": "no"}, {"mixed_precision": "bf16"}, "make them agree"),
+        ({"mixed_precision": "fp8"}, {}, "no, bf16 or fp16"),
+        ({"mixed_precision": "fp16"}, {"mixed_precision": "bf16"}, "make them agree"),
+        ({"use_deepspeed": True}, {}, "train.deepspeed is not set"),
+        ({}, {}, "no"),
+    ],
+)
+def test_accelerate_launch_options_are_honoured_or_refused(env, train, result):
+    import dataclasses
+
+    from blossom.config import LaunchEnv, with_launcher
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    launch = LaunchEnv(**env)
+    if result in ("no", "bf16", "fp16"):
+        assert with_launcher(cfg, launch).train.mixed_precision == result
+    else:
+        with pytest.raises(ConfigError, match=result):
+            with_launcher(cfg, launch)
+
+
+def test_launch_env_reads_accelerates_variables(monkeypatch):
+    from blossom.config import launch_env
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    env = launch_env()
+    assert env.mixed_precision == "fp16" and env.use_deepspeed

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -41,8 +42,13 @@ def test_training_writes_loadable_model_and_checkpoints(micro_prepared, tmp_path
     assert backend.latent_shape == (4, 8, 8)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_path, precision):
+    import dataclasses
+
     cfg, paths = micro_prepared
+    # fp16 (a T4's mixed precision) carries a gradient scaler whose state must resume too
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
     full = tmp_path / "full"
     train_diffusion(cfg, paths.cache, paths.vae, full)
     # A run "killed" after step 2: only its step-2 checkpoint and stats up to step 3 survive.
@@ -133,3 +139,30 @@ def test_resume_falls_back_past_a_damaged_checkpoint(micro_prepared, tmp_path, c
     from blossom.train.checkpoint import damage
 
     assert [damage(p) for p in sorted((damaged / "checkpoints").glob("step-*"))] == [None, None]
+
+
+def test_fp16_scales_small_gradients_that_would_underflow():
+    """Without a scaler, fp16 activations' gradients of a tiny loss flush to zero; with it they reach the weights."""
+    import dataclasses
+
+    from blossom.config import LaunchEnv, TrainConfig
+    from blossom.train import distributed
+
+    def grads(precision: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        c = dataclasses.replace(TrainConfig(), mixed_precision=precision)
+        rt = distributed.start(LaunchEnv(), c)
+        engine = distributed.Engine(model, opt, rt, c)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.randn(8, 16)).float().mean() * 1e-9
+        engine.step(loss)
+        state = engine.optimizer_state()
+        return model[0].weight.grad, state
+
+    plain, plain_state = grads("no")  # what fp16 autocast without a scaler gives
+    scaled, state = grads("fp16")
+    assert plain is None or plain.abs().max() == 0  # underflowed
+    assert scaled is not None and scaled.abs().max() > 0
+    assert state["grad_scaler"]["scale"] > 1 and "grad_scaler" not in plain_state

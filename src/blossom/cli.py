@@ -124,9 +124,11 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
 
 def cmd_train(cfg: Config, paths: Paths, args) -> dict:
     from blossom import report
+    from blossom.config import with_launcher
     from blossom.train.diffusion import train_diffusion
 
     launch = launch_env()
+    cfg = with_launcher(cfg, launch)
     result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume, launch=launch)
     if launch.rank == 0:
         report.training(paths.root, paths.train, result)

@@ -436,6 +436,8 @@ class LaunchEnv:
     local_world_size: int = 1
     restart_count: int = 0  # torchrun --max-restarts: how many times this worker group was restarted
     launched: bool = False  # started by torchrun / accelerate launch (even as a single process)
+    mixed_precision: str | None = None  # accelerate launch --mixed_precision
+    use_deepspeed: bool = False  # accelerate launch --use_deepspeed
 
 
 def launch_env() -> LaunchEnv:
@@ -450,7 +452,29 @@ def launch_env() -> LaunchEnv:
         num("LOCAL_WORLD_SIZE", world),
         num("TORCHELASTIC_RESTART_COUNT", 0),
         "LOCAL_RANK" in os.environ,
+        os.environ.get("ACCELERATE_MIXED_PRECISION") or None,
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
     )
+
+
+def with_launcher(cfg: Config, launch: LaunchEnv) -> Config:
+    """What `accelerate launch --mixed_precision / --use_deepspeed` asked for, checked against the config."""
+    wanted = launch.mixed_precision
+    if wanted and wanted != cfg.train.mixed_precision:
+        if wanted not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"accelerate launch --mixed_precision {wanted}: blossom trains with no, bf16 or fp16")
+        if cfg.train.mixed_precision != "no":
+            raise ConfigError(
+                f"accelerate launch --mixed_precision {wanted} but train.mixed_precision is "
+                f"{cfg.train.mixed_precision}: make them agree"
+            )
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=wanted))
+    if launch.use_deepspeed and not cfg.train.deepspeed:
+        raise ConfigError(
+            "accelerate launch --use_deepspeed but train.deepspeed is not set: "
+            "set it to a DeepSpeed JSON such as configs/deepspeed_zero2.json"
+        )
+    return cfg
 
 
 @dataclass(frozen=True)

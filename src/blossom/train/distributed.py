@@ -83,8 +83,7 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
 def autocast(rt: Runtime, c: TrainConfig):
     if c.mixed_precision == "no":
         return torch.autocast(rt.device.type, enabled=False)
-    if rt.device.type != "cuda" and c.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision fp16 needs a GPU: use 'bf16' or 'no' on CPU")
+    # fp16 also runs on CPU (slowly): what a T4 user trains with can be checked anywhere
     return torch.autocast(rt.device.type, dtype=torch.bfloat16 if c.mixed_precision == "bf16" else torch.float16)
 
 
@@ -116,6 +115,9 @@ class Engine:
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, c: TrainConfig):
         self.module, self.optimizer, self.grad_clip, self.ds = module, optimizer, c.grad_clip, None
         self.forward = module
+        # fp16 gradients of small losses underflow to zero: scale the loss up, and the gradients
+        # back down before clipping (DeepSpeed does the same itself when its fp16 is on)
+        self.scaler = torch.amp.GradScaler(rt.device.type) if c.mixed_precision == "fp16" and not c.deepspeed else None
         if c.deepspeed:
             try:
                 import deepspeed
@@ -147,14 +149,22 @@ class Engine:
             self.ds.step()
             return float(self.ds.get_global_grad_norm() or 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.optimizer.step()
+            return float(norm)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
         return float(norm)
 
     def optimizer_state(self) -> dict:
         if self.ds is None:
-            return self.optimizer.state_dict()
+            state = self.optimizer.state_dict()
+            return {**state, "grad_scaler": self.scaler.state_dict()} if self.scaler else state
         # ZeRO's state: this rank's partition of the Adam moments and fp32 master weights, plus layout.
         sd = self.optimizer.state_dict()
         keep = (
@@ -173,7 +183,15 @@ class Engine:
 
     def load_optimizer_state(self, state: dict, world: int, rank: int) -> None:
         if self.ds is None:
+            scaler = state.pop("grad_scaler", None)
+            if (scaler is None) != (self.scaler is None):
+                raise ConfigError(
+                    "the checkpoint was written with another train.mixed_precision (fp16 keeps a gradient "
+                    "scaler): resume with the setting it was written with"
+                )
             self.optimizer.load_state_dict(state)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(scaler)
             return
         # DeepSpeed reads only this rank's entry of the list for a checkpoint of the same layout.
         self.optimizer.load_state_dict(
