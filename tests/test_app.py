@@ -87,3 +87,36 @@ def test_a_broken_model_folder_is_an_error_not_a_traceback(monkeypatch, micro_ex
     (broken / "onnx" / "unet.opt.onnx").write_bytes(b"garbage")
     at = page(monkeypatch, BLOSSOM_MODEL=broken)
     assert "cannot be loaded" in at.error[0].value and "export it again" in at.error[0].value
+
+
+def test_a_hub_model_downloads_only_what_the_chosen_backend_runs(monkeypatch, micro_exported, tmp_path):
+    """HF_MODEL_REPO: the page fetches the card's files, each backend its own weights, never both formats."""
+    import fnmatch
+
+    import huggingface_hub
+
+    _, folder, _ = micro_exported
+    snapshot, asked = tmp_path / "snapshot", []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):  # the Hub, served from the export
+        asked.append((repo_id, tuple(allow_patterns or ["*"])))
+        for path in folder.rglob("*"):
+            rel = str(path.relative_to(folder))
+            if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns or ["*"]):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, snapshot / rel)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    at = page(monkeypatch, HF_MODEL_REPO="someone/flowers")
+    assert at.sidebar.metric[0].label == "Validation loss"  # the card's files came first
+    prompt = "a red flower at night"
+    at = generate(at, prompt, backend="onnx", precision="fp32", steps=3, n=1, seed=5)
+    # the page's default backend, ONNX Runtime: its graphs, and none of PyTorch's weights
+    assert list(snapshot.glob("onnx/*.onnx")) and not list(snapshot.rglob("*.safetensors"))
+    assert np.array_equal(
+        at.session_state["result"]["images"][0], sample(load_backend("onnx", folder), [prompt], "unipc", 3, 5.0, 5)[0]
+    )
+    at = generate(at, prompt, backend="torch", precision="fp32", steps=3, n=1, seed=5)
+    assert (snapshot / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert {a[0] for a in asked} == {"someone/flowers"} and len(asked) == 3

@@ -48,7 +48,10 @@ def test_staged_space_has_streamlit_front_matter_and_its_app_file(tmp_path):
     front = yaml.safe_load((space / "README.md").read_text().split("---")[1])
     assert front["sdk"] == "streamlit" and (space / front["app_file"]).exists()
     assert (space / "src" / "blossom" / "webapp.py").exists() and not list(space.rglob("__pycache__"))
-    assert "onnxruntime" in (space / "requirements.txt").read_text()
+    requirements = (space / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements
+    # a CPU Space gets the CPU build of torch, never the CUDA wheels
+    assert "download.pytorch.org/whl/cpu" in requirements and "+cpu" in requirements
     # app.py's own path setup finds the staged package, not an installed one
     code = "import sys; sys.path.insert(0, 'src'); import blossom.webapp; print(blossom.webapp.__file__)"
     where = subprocess.run([sys.executable, "-c", code], cwd=space, capture_output=True, text=True, check=True)

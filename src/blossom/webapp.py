@@ -45,17 +45,29 @@ def find_model() -> Path | None:
     return None
 
 
+# What each use of a Hub model repo needs: the page its card and metadata, each backend its own
+# weights (a published repo holds both formats; one backend never needs the other's).
+HUB_FILES = {
+    "card": ["*.json", "*.md", "*.png", "tokenizer/*", "scheduler/*"],
+    "onnx": ["onnx/*"],
+    "torch": ["unet/*", "vae/*", "text_encoder/*"],
+}
+
+
 @st.cache_resource(show_spinner="Downloading the model…")
-def _download(repo_id: str) -> str:
+def _download(repo_id: str, part: str = "card") -> str:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id)
+    return snapshot_download(repo_id, allow_patterns=HUB_FILES[part])
 
 
 @st.cache_resource(show_spinner="Loading the model…")
 def load(backend: str, folder: str, precision: str = "fp32"):
     from blossom.backends import load_backend
 
+    repo = app_settings().hub_repo
+    if repo:
+        folder = _download(repo, backend)  # the same snapshot folder, now with this backend's weights
     return load_backend(backend, folder, precision)
 
 
