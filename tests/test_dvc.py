@@ -93,10 +93,16 @@ CANARIES = {
 }
 
 
+def dvc_env(**extra: str) -> dict[str, str]:
+    """The environment DVC runs blossom in: this venv's commands first, no MLflow server of the caller's."""
+    env = {**os.environ, **extra, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def repro(root: Path, *args: str) -> tuple[list[str], float, str]:
     """Run `dvc repro`; returns the stages that ran, the seconds taken and the output."""
-    env = {**os.environ, **CANARIES, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = dvc_env(**CANARIES)
     start = time.time()
     res = subprocess.run([DVC, "repro", *args], cwd=root, capture_output=True, text=True, env=env, timeout=900)
     took = time.time() - start
@@ -178,8 +184,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
 
 
 def dvc(root: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = dvc_env()
     res = subprocess.run([DVC, *args], cwd=root, capture_output=True, text=True, env=env, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -239,8 +244,7 @@ def test_repro_killed_during_training_resumes_it_and_matches_an_uninterrupted_ru
     root = micro_project(tmp_path / "proj")
     set_param(root, "train.steps", 40)
     set_param(root, "train.checkpoint_every", 5)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = dvc_env()
     proc = subprocess.Popen(
         [DVC, "repro", "train"],
         cwd=root,

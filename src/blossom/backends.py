@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from blossom.config import TextConfig
-from blossom.errors import BlossomError, ModelError
+from blossom.errors import BlossomError, ModelError, first_line
 from blossom.images import to_uint8
 from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, model_files_missing, unet_feed
 from blossom.models import load_text_encoder, load_vae, tokenize
@@ -74,7 +74,7 @@ class TorchBackend:
             raise
         # truncated weights, a damaged JSON: diffusers, safetensors and json each fail their own way
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = first_line(e)
             raise ModelError(
                 f"cannot load the model at {folder} ({type(e).__name__}: {first}): its files are damaged; "
                 "train or export it again"

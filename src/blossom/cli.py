@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blossom.config import Config, launch_env, load_config, save_config
-from blossom.errors import BlossomError
+from blossom.errors import BlossomError, first_line
 
 log = logging.getLogger("blossom")
 
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line by default, the traceback with -v
         if args.verbose:
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, 200, default="")
         print(
             f"blossom: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback, and report it)",
             file=sys.stderr,

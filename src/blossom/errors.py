@@ -15,3 +15,8 @@ class DataError(BlossomError):
 
 class ModelError(BlossomError):
     pass
+
+
+def first_line(e: BaseException, limit: int = 160, default: str | None = None) -> str:
+    """A third-party error as a clause of a one-line message: its first line, or its type's name."""
+    return (str(e).strip().splitlines() or [type(e).__name__ if default is None else default])[0][:limit]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from blossom.classifier import HEADS, UInt8Features, labels, load_classifier, predict, render
 from blossom.config import Config
 from blossom.data import synthetic
+from blossom.errors import BlossomError
 from blossom.evalset import PHRASINGS, EvalItem, eval_items, nuisance
 from blossom.fsutil import atomic_dir, write_json
 from blossom.images import image_grid, to_tensor, to_uint8
@@ -109,7 +110,10 @@ def procedural(cfg: Config, backend, classifier_dir: Path) -> tuple[dict, dict]:
     size = cfg.data.image_size
     model_size = backend.info.get("image_size", size)
     if model_size != size:
-        raise_mismatch(model_size, size)
+        raise BlossomError(
+            f"the model draws {model_size} px images but data.image_size is {size}: "
+            f"evaluate with --set data.image_size={model_size} (and its classifier)"
+        )
     classifier, info = load_classifier(classifier_dir, size)
     if cfg.evaluate.inception or cfg.evaluate.clip:
         log.warning(
@@ -142,15 +146,6 @@ def procedural(cfg: Config, backend, classifier_dir: Path) -> tuple[dict, dict]:
         "prompts.txt": "\n".join(f"{it.phrasing}\t{it.prompt}" for it in items) + "\n",
     }
     return metrics, files
-
-
-def raise_mismatch(model_size: int, data_size: int) -> None:
-    from blossom.errors import BlossomError
-
-    raise BlossomError(
-        f"the model draws {model_size} px images but data.image_size is {data_size}: "
-        f"evaluate with --set data.image_size={model_size} (and its classifier)"
-    )
 
 
 def evaluate(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from blossom.config import Config, TextConfig, VAEConfig
-from blossom.errors import ModelError
+from blossom.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def model_path(name: str, key: str) -> str:
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=5)
     except Exception as e:  # offline mode, no network, unknown repo, gated repo: all end the same way for the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         raise ModelError(
             f"{key} {name!r} is not a local folder and could not be fetched from the Hub ({reason}): "
             f"download it where there is network and set {key} to its local path"

@@ -23,7 +23,7 @@ import torch
 
 from blossom.config import Config
 from blossom.data.folder import load_images, read_metadata
-from blossom.errors import BlossomError
+from blossom.errors import BlossomError, first_line
 from blossom.images import image_grid
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _inception_state(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         raise BlossomError(
             f"evaluate.inception {path} is not readable weights ({first}): give the FID Inception file"
         ) from None
@@ -54,7 +54,7 @@ def inception(path: Path) -> torch.nn.Module:
     try:
         import torch_fidelity  # noqa: F401  (torchmetrics builds its Inception from it)
     except Exception as e:  # missing, or a torchvision that does not match torch
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e, 120)
         raise BlossomError(
             f"evaluate.inception needs torch-fidelity with a torchvision built for this torch ({first}): "
             "pip install 'blossom[fid]', or leave it empty (evaluate.clip gives FD and KID on CLIP features)"
@@ -70,7 +70,7 @@ def inception(path: Path) -> torch.nn.Module:
                 name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(own)
             )
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or ["mismatch"])[0][:160]
+            first = first_line(e, default="mismatch")
             raise BlossomError(f"evaluate.inception {path} is not the FID Inception network ({first})") from None
 
 
