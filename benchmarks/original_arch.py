@@ -10,7 +10,9 @@ own model (benchmarks/samplers.py). Speed does not depend on the weights.
 
 blossom's fastest path is ONNX Runtime with the statically quantized int8 UNet and VAE decoder
 (calibrated here on a few sampling trajectories; the random weights make calibration a formality,
-the speed is what this measures). `--openvino` adds OpenVINO with bf16 inference (needs
+the speed is what this measures); the fastest of all is a distilled student's graphs (guidance
+embedded in the UNet, 4 steps, int8), shaped here as `blossom distill` shapes them.
+`--openvino` adds OpenVINO with bf16 inference (needs
 `pip install openvino`; not a blossom backend, see the README).
 """
 
@@ -90,8 +92,34 @@ def build(root: Path) -> Path:
         {"text": {"encoder": str(encoder), "max_tokens": 77}, "preset": "peer256", "image_size": 256},
     )
     write_json(model / "train.json", {"val_loss": None, "steps": 0})
-    export(model, root / "export", [PROMPT, "a white flower at night"], ("unipc", 10, 5.0), int8_bar=False)
+    student = student_of(model, root / "student")
+    export(
+        model,
+        root / "export",
+        [PROMPT, "a white flower at night"],
+        ("unipc", 10, 5.0),
+        int8_bar=False,
+        fast_dir=student,
+    )
     return root / "export"
+
+
+def student_of(model: Path, folder: Path) -> Path:
+    """A student-shaped copy: the same UNet with a guidance-embedding input and the LCM scheduler,
+    laid out as `blossom distill` writes it (the weights are random either way)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from blossom.config import Config
+    from blossom.train.distill import student_from, write_student_files
+
+    cfg = Config()
+    student_from(
+        UNet2DConditionModel.from_pretrained(model / "unet"), cfg.distill.guidance_embedding_dim
+    ).save_pretrained(folder / "unet")
+    write_student_files(model, folder, cfg, json.loads((model / "blossom.json").read_text()), {})
+    return folder
 
 
 class OpenVinoBackend(OnnxBackend):
@@ -119,7 +147,7 @@ class OpenVinoBackend(OnnxBackend):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1, help="blocks of 3 timed images per run, taking turns")
-    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager on DDIM 30")
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager on DDIM 30 (the original's path)")
     ap.add_argument("--bf16", action="store_true", help="also time PyTorch in bfloat16 on UniPC 10")
     ap.add_argument(
         "--openvino", action="store_true", help="also time OpenVINO bf16 on UniPC 10 (pip install openvino)"
@@ -133,6 +161,9 @@ def main() -> None:
         fns = {f"onnx {s}-{n}": (lambda seed, s=s, n=n: sample(ort, [PROMPT], s, n, 5.0, seed)) for s, n in RUNS}
         int8 = OnnxBackend(folder, precision="int8")
         fns["onnx int8 unipc-10"] = lambda seed: sample(int8, [PROMPT], "unipc", 10, 5.0, seed)
+        # the few-step path: a distilled student's graphs (guidance embedded), 4 steps, int8
+        fast = OnnxBackend(folder / "fast", precision="int8")
+        fns["onnx int8 student lcm-4"] = lambda seed: sample(fast, [PROMPT], "lcm", 4, 5.0, seed)
         if args.torch:
             eager = TorchBackend(folder)
             fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)

@@ -171,6 +171,16 @@ def fake_checkpoint(root: Path) -> list[str]:
     return ["train", "--resume", "latest"]
 
 
+def fake_student(root: Path) -> Path:
+    """The trained model's folder marked as a distilled student (enough for the refusals)."""
+    folder = root / "student"
+    shutil.copytree(root / "outputs" / "train" / "model", folder)
+    info = json.loads((folder / "blossom.json").read_text())
+    info["distilled"] = {"sampler": "lcm", "default_steps": 4, "max_steps": 8, "guidance_embedding_dim": 8}
+    rewrite(folder / "blossom.json", json.dumps(info).encode())
+    return folder
+
+
 S = lambda *a: lambda root: list(a)  # noqa: E731 - a case that needs no setup
 
 # (id, setup -> argv, exit status, words the one error line must contain)
@@ -430,6 +440,31 @@ CASES = [
         2,
         "cannot load the ONNX model",
     ),
+    # distill and the fast path
+    (
+        "distill guidance range upside down",
+        S("--set", "distill.guidance_min=9", "distill"),
+        2,
+        "distill.guidance_min and guidance_max",
+    ),
+    (
+        "distill solver grid",
+        S("--set", "distill.solver_steps=7", "distill"),
+        2,
+        "must divide train.num_train_timesteps",
+    ),
+    ("distill default past max", S("--set", "distill.default_steps=9", "distill"), 2, "distill.default_steps <="),
+    ("distill without a champion", S("distill", "--no-register"), 2, "no trained model at"),
+    ("distill a student", lambda root: ["distill", "--teacher", str(fake_student(root))], 2, "already a distilled"),
+    ("fast without a student", S("generate", "x", "--fast"), 2, "holds no distilled model"),
+    ("lcm sampler on a teacher", S("generate", "x", "--sampler", "lcm"), 2, "draws with distilled models only"),
+    (
+        "teacher sampler on a student",
+        lambda root: ["generate", "x", "--model", str(fake_student(root)), "--sampler", "ddim"],
+        2,
+        "is a distilled few-step model",
+    ),
+    ("export fast model not a student", S("export", "--fast-model", "nowhere"), 2, "is not a distilled model"),
     # app
     ("port out of range", S("app", "--port", "99999"), 2, "--port must be from 1 to 65535"),
     ("port zero", S("app", "--port", "0"), 2, "--port must be from 1 to 65535"),

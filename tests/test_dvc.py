@@ -43,6 +43,21 @@ STAGE_READS = {
         "evaluate.clip",
     ],
     "promote": ["tracking"],
+    "distill": [
+        "distill",
+        "train.mixed_precision",
+        "train.deepspeed",
+        "train.grad_clip",
+        "text",
+        "data.image_size",
+        "data.random_flip",
+        "data.source",
+        "sample.guidance",
+        "sample.seed",
+        "evaluate.images_per_pair",
+        "evaluate.batch_size",
+        "tracking",
+    ],
     "export": ["sample.sampler", "sample.steps", "sample.guidance"],
     "publish": ["publish"],
 }
@@ -133,6 +148,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
         "classifier",
         "evaluate",
         "promote",
+        "distill",
         "export",
         "publish",
     }
@@ -160,7 +176,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
     now = json.loads((root / "outputs" / "champion" / "champion.json").read_text())
     history.append(now["val_loss"])
     assert ran == (
-        ["train", "evaluate", "promote", "export", "publish"]
+        ["train", "evaluate", "promote", "distill", "export", "publish"]
         if now["version"] == "3"
         else ["train", "evaluate", "promote"]
     )

@@ -27,6 +27,7 @@ STAGE_MODULES = {
     "train": ["blossom.train.diffusion", "blossom.report"],
     "evaluate": ["blossom.evaluate", "blossom.backends", "blossom.report"],
     "promote": ["blossom.tracking"],
+    "distill": ["blossom.train.distill", "blossom.evaluate", "blossom.backends", "blossom.tracking", "blossom.report"],
     "export": ["blossom.export", "blossom.report"],
     "publish": ["blossom.publish"],
 }

@@ -39,6 +39,19 @@ def _check_folder(folder: Path, needed: list[str] | None = None) -> None:
         )
 
 
+def fast_folder(folder: Path, distilled: Path) -> Path:
+    """The distilled model to serve for `--fast`: the folder itself if it is one, its `fast/`
+    (an exported or published folder), else `distilled` (what `blossom distill` wrote)."""
+    for candidate in (folder, folder / "fast", distilled):
+        path = candidate / "blossom.json"
+        if path.exists() and json.loads(path.read_text()).get("distilled"):
+            return candidate
+    raise ModelError(
+        f"--fast: {folder} holds no distilled model: run `blossom distill` (then `blossom export`), "
+        "or pass --model a distilled folder"
+    )
+
+
 def physical_cores() -> int:
     import psutil
 
@@ -81,14 +94,18 @@ class TorchBackend:
             ) from None
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.distilled = self.info.get("distilled")
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(prompts)
 
     @torch.no_grad()
-    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def unet(
+        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         d = self.dtype
-        return self.unet_model(latents.to(d), t, encoder_hidden_states=text.to(d)).sample.float()
+        extra = {} if cond is None else {"timestep_cond": cond.to(d)}
+        return self.unet_model(latents.to(d), t, encoder_hidden_states=text.to(d), **extra).sample.float()
 
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -153,6 +170,7 @@ class OnnxBackend:
         if precision == "int8":
             _check_int8_runs_here(folder)
         self.info = json.loads((folder / "blossom.json").read_text())
+        self.distilled = self.info.get("distilled")
         self.max_tokens = self.info["text"]["max_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         self.sessions = {}
@@ -181,8 +199,10 @@ class OnnxBackend:
             out[rest] = self._encode([prompts[i] for i in rest])
         return out
 
-    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        (pred,) = self.sessions["unet"].run(None, unet_feed(latents, t, text))
+    def unet(
+        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        (pred,) = self.sessions["unet"].run(None, unet_feed(latents, t, text, cond))
         return torch.from_numpy(pred)
 
     def decode_float(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:

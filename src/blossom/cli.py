@@ -56,6 +56,10 @@ class Paths:
         return self.root / "champion"
 
     @property
+    def distill(self) -> Path:
+        return self.root / "distill"
+
+    @property
     def export(self) -> Path:
         return self.root / "export"
 
@@ -235,6 +239,94 @@ def cmd_promote(cfg: Config, paths: Paths, args) -> dict:
     return result
 
 
+# The most a distilled student's default-step colour and background adherence may fall below the
+# teacher's default before it is refused the `fast` alias.
+FAST_BAR = 0.02
+SKIPPED = "SKIPPED.txt"
+FAST_ATTRIBUTES = ("petal_color", "background")
+
+
+def fast_verdict(student: dict, teacher: dict | None) -> tuple[bool, str]:
+    """Whether the student's adherence at its default steps holds the bar against the teacher's."""
+    if teacher is None or "adherence" not in teacher:
+        return False, "no teacher adherence to compare with (procedural data only)"
+    s, t = student["adherence"]["all"]["all"], teacher["adherence"]["all"]["all"]
+    gaps = {k: t[k]["acc"] - s[k]["acc"] for k in FAST_ATTRIBUTES}
+    said = ", ".join(f"{k} {s[k]['acc']:.3f} vs {t[k]['acc']:.3f}" for k in FAST_ATTRIBUTES)
+    return all(g <= FAST_BAR for g in gaps.values()), said
+
+
+def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
+    """Distil the champion into a few-step student, score it at 1/2/4/8 steps, and register it
+    in MLflow (alias `fast` only when it holds the adherence bar)."""
+    import json
+
+    from blossom import report
+    from blossom.config import with_launcher
+    from blossom.fsutil import write_json
+    from blossom.train.distill import distill
+
+    if args.if_enabled and not cfg.distill.enabled:
+        from blossom.fsutil import write_text
+
+        # DVC needs the stage's outputs to exist: placeholders that export and generate pass over
+        # (a student distilled earlier by hand is left alone; export checks whose student it is)
+        for name in ("model", "eval"):
+            (paths.distill / name).mkdir(parents=True, exist_ok=True)
+            if not any((paths.distill / name).iterdir()):
+                write_text(paths.distill / name / SKIPPED, "distill.enabled is false: nothing distilled\n")
+        (paths.distill / "checkpoints").mkdir(exist_ok=True)
+        from blossom import report
+
+        report.write_metrics(paths.root, "distill", {"enabled": False})
+        print("distill: skipped (set distill.enabled=true to distil the champion into a few-step model)")
+        return {}
+    launch = launch_env()
+    cfg = with_launcher(cfg, launch)
+    teacher = Path(args.teacher) if args.teacher else paths.champion
+    result = distill(cfg, paths.cache, teacher, paths.distill, resume=args.resume, launch=launch)
+    if launch.rank != 0:
+        return result
+    summary = {"enabled": True, "distill_loss": result["loss_history"][-1][1] if result["loss_history"] else None}
+    if cfg.data.source == "synthetic":
+        from blossom.backends import TorchBackend
+        from blossom.evaluate import evaluate_fast
+
+        backend = TorchBackend(paths.distill / "model")
+        steps = sorted({1, 2, 4, 8, cfg.distill.default_steps} & set(range(1, cfg.distill.max_steps + 1)))
+        metrics = evaluate_fast(cfg, backend, paths.classifier, paths.distill / "eval", steps)
+        teacher_metrics = (
+            json.loads((teacher / "metrics.json").read_text()) if (teacher / "metrics.json").exists() else None
+        )
+        default = metrics["steps"][str(cfg.distill.default_steps)]
+        holds, said = fast_verdict(default, teacher_metrics)
+        # the student carries its scores at its default steps, as a champion does (card, app, export)
+        write_json(
+            paths.distill / "model" / "metrics.json",
+            {**default, "sampler": "lcm", "steps": cfg.distill.default_steps, "guidance": cfg.sample.guidance},
+        )
+        summary.update(
+            holds_bar=holds, **{f"steps_{n}": m["adherence"]["all"]["all"] for n, m in metrics["steps"].items()}
+        )
+        print(
+            f"distill: {cfg.distill.default_steps}-step student {said} (bar: within {FAST_BAR:.2f}): "
+            + ("holds" if holds else "does not hold")
+        )
+        if not args.no_register:
+            from blossom.tracking import log_student
+
+            champion = (
+                json.loads((teacher / "champion.json").read_text()) if (teacher / "champion.json").exists() else {}
+            )
+            logged = log_student(cfg, paths.distill, metrics, holds, champion.get("run_id"))
+            print(
+                f"distill: MLflow version {logged['version']}" + (" is now `fast`" if holds else " (not aliased fast)")
+            )
+    report.write_metrics(paths.root, "distill", summary)
+    print(f"distill: student -> {paths.distill / 'model'}")
+    return result
+
+
 def calibration_captions(folder: Path) -> list[str] | None:
     """Captions that int8 calibration samples: the first of an image folder's metadata.jsonl."""
     from blossom.data.folder import read_metadata
@@ -252,14 +344,32 @@ def cmd_export(cfg: Config, paths: Paths, args) -> dict:
     from blossom.export import export
 
     source = Path(args.model) if args.model else paths.champion
+    fast = Path(args.fast_model) if getattr(args, "fast_model", None) else paths.distill / "model"
+    if not (fast / "blossom.json").exists():
+        if getattr(args, "fast_model", None):
+            raise BlossomError(f"--fast-model {fast} is not a distilled model: pass the folder `blossom distill` wrote")
+        fast = None  # nothing distilled (distill.enabled is false): the teacher alone
+    elif not getattr(args, "fast_model", None) and (source / "champion.json").exists():
+        import json
+
+        teacher_run = json.loads((fast / "blossom.json").read_text()).get("distilled", {}).get("teacher_run")
+        if teacher_run != json.loads((source / "champion.json").read_text())["run_id"]:
+            log.warning("%s was distilled from another champion: exported without it (run `blossom distill`)", fast)
+            fast = None
     calibration = calibration_captions(Path(args.calibration) if args.calibration else paths.data / "val")
-    diffs = export(source, paths.export, calibration, (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance))
+    sampling = (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance)
+    diffs = export(source, paths.export, calibration, sampling, fast_dir=fast)
     import json
 
     from blossom import report
 
     psnr = diffs.pop("image_int8_psnr_db", None)
-    report.write_metrics(paths.root, "export", {"parity_max_abs_diff": max(diffs.values()), "int8_psnr_db": psnr})
+    fast_psnr = diffs.pop("fast_image_int8_psnr_db", None)
+    report.write_metrics(
+        paths.root,
+        "export",
+        {"parity_max_abs_diff": max(diffs.values()), "int8_psnr_db": psnr, "fast_int8_psnr_db": fast_psnr},
+    )
     int8 = "; no int8 (no calibration captions)"
     if psnr is not None:
         decided = json.loads((paths.export / "onnx" / "int8.json").read_text())
@@ -388,21 +498,39 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     from blossom.sampling import check_request, sample
 
     prompts = read_prompts(args.prompt, args.prompts)
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    seed = cfg.sample.seed if args.seed is None else args.seed
+    total = args.n * len(prompts)
     if not 1 <= args.n * len(prompts) <= MAX_IMAGES_PER_CALL:
         raise BlossomError(
             f"--n times the number of prompts must be from 1 to {MAX_IMAGES_PER_CALL} images per call, "
             f"got {args.n} x {len(prompts)}"
         )
-    sampler = args.sampler or cfg.sample.sampler
-    steps = cfg.sample.steps if args.steps is None else args.steps
-    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
-    seed = cfg.sample.seed if args.seed is None else args.seed
-    total = args.n * len(prompts)
-    check_request(sampler, steps, guidance, seed, total)
+    from blossom.sampling import FAST_SAMPLER
+
+    asked = FAST_SAMPLER if args.fast else args.sampler or cfg.sample.sampler
+    check_request(
+        asked, cfg.sample.steps if args.steps is None else args.steps, guidance, seed, total
+    )  # before loading
+    folder = Path(args.model) if args.model else paths.served_model()
+    if args.fast:
+        from blossom.backends import fast_folder
+
+        folder = fast_folder(folder, paths.distill / "model")
     out = Path(args.out)
     writable_folder(out, "--out")
-    backend = load_backend(args.backend, args.model or paths.served_model(), args.precision)
-    if args.precision == "auto":
+    precision = args.precision or ("auto" if args.fast else "fp32")
+    backend = load_backend(args.backend, folder, precision)
+    fast = backend.distilled
+    if fast and args.sampler not in (None, fast["sampler"]):
+        raise BlossomError(
+            f"{folder} is a distilled few-step model: it draws with its own sampler, not --sampler {args.sampler} "
+            "(leave --sampler out)"
+        )
+    sampler = fast["sampler"] if fast else args.sampler or cfg.sample.sampler
+    steps = (fast["default_steps"] if fast else cfg.sample.steps) if args.steps is None else args.steps
+    check_request(sampler, steps, guidance, seed, total)
+    if precision == "auto":
         print(f"generate: precision auto -> {backend.precision} ({backend.precision_why})")
     out.mkdir(parents=True, exist_ok=True)
     # Never overwrite earlier images: number on from the highest NNN.png already there.
@@ -426,7 +554,16 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
     from blossom.fsutil import write_json
 
     timings = {}
-    stage_args = argparse.Namespace(source=None, path=None, resume=None, model=None, calibration=None)
+    stage_args = argparse.Namespace(
+        source=None,
+        path=None,
+        resume=None,
+        model=None,
+        calibration=None,
+        teacher=None,
+        no_register=False,
+        if_enabled=True,
+    )
     for name, fn in (
         ("data", cmd_data),
         ("train-vae", cmd_train_vae),
@@ -435,6 +572,7 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
         ("classifier", _classifier_unless_current),
         ("evaluate", cmd_evaluate),
         ("promote", cmd_promote),
+        ("distill", cmd_distill),
         ("export", cmd_export),
         ("publish", cmd_publish),
     ):
@@ -536,8 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "promote", help="log the run to MLflow; promote it to champion if its val loss is better"
     ).set_defaults(fn=cmd_promote)
+    s = sub.add_parser("distill", help="distil the champion into a 1-8 step student (latent consistency)")
+    s.add_argument("--teacher", help="model folder to distil (default: outputs/champion)")
+    s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
+    s.add_argument("--no-register", action="store_true", help="score the student but log nothing to MLflow")
+    s.add_argument("--if-enabled", action="store_true", help="do nothing unless distill.enabled (the DVC stage)")
+    s.set_defaults(fn=cmd_distill)
     s = sub.add_parser("export", help="the champion as a diffusers pipeline folder and ONNX graphs, checked")
     s.add_argument("--model", help="model folder to export (default: outputs/champion)")
+    s.add_argument("--fast-model", help="a distilled student to export beside it (default: outputs/distill/model)")
     s.add_argument(
         "--calibration", help="image folder whose captions calibrate the int8 graphs (default: outputs/data/val)"
     )
@@ -564,12 +709,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     s.add_argument(
         "--precision",
-        default="fp32",
+        default=None,
         choices=["fp32", "bf16", "int8", "auto"],
-        help="fp32; bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx); auto (onnx: int8 on CPUs "
-        "with VNNI, fp32 elsewhere)",
+        help="fp32 (the default); bf16 (torch: AVX512-BF16/AMX CPUs, GPUs); int8 (onnx); auto (onnx: int8 on "
+        "CPUs with VNNI, fp32 elsewhere; the default with --fast)",
     )
     s.add_argument("--model", help="model folder (default: outputs/export, else outputs/train/model)")
+    s.add_argument(
+        "--fast",
+        action="store_true",
+        help="the distilled few-step model (the folder's fast/, or outputs/distill/model): 4 steps by default",
+    )
     s.add_argument("--out", default="outputs/generated")
     s.set_defaults(fn=cmd_generate)
     sub.add_parser("run", help="the whole job without DVC: data to publish").set_defaults(fn=cmd_run)

@@ -108,6 +108,29 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    # `blossom distill`: latent consistency distillation (Luo et al. 2023) of the champion into a
+    # student that draws in 1-8 steps with the guidance scale as an input (one UNet call per step).
+    # Off in `dvc repro` and `blossom run` unless enabled: it adds ~6 minutes to the tiny main job.
+    enabled: bool = False
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-4
+    guidance_min: float = 2.0  # the student learns every guidance scale in [min, max] (standard CFG scale)
+    guidance_max: float = 8.0
+    solver_steps: int = 50  # the teacher's DDIM grid the student jumps along (k = 1000 / 50 timesteps)
+    target_ema: float = 0.95  # the target network's EMA decay
+    huber_c: float = 0.001
+    guidance_embedding_dim: int = 256  # diffusers time_cond_proj_dim
+    default_steps: int = 4
+    max_steps: int = 8  # the most steps the student is served with; more only blurs
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     classifier_train_size: int = 32000
     classifier_test_size: int = 2000
@@ -186,6 +209,7 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -326,6 +350,9 @@ LIMITS = {
     "vae.batch_size": 4096,
     "train.batch_size": 65_536,
     "sample.steps": 1000,
+    "distill.batch_size": 65_536,
+    "distill.guidance_embedding_dim": 4096,
+    "distill.max_steps": 50,
     "text.max_tokens": 1024,
     "caption.batch_size": 4096,
     "caption.max_new_tokens": 1024,
@@ -368,6 +395,13 @@ def validate(cfg: Config) -> None:
         "train.batch_size",
         "train.lr",
         "sample.steps",
+        "distill.steps",
+        "distill.batch_size",
+        "distill.lr",
+        "distill.solver_steps",
+        "distill.default_steps",
+        "distill.guidance_embedding_dim",
+        "distill.huber_c",
         "text.max_tokens",
         "caption.batch_size",
         "caption.max_new_tokens",
@@ -419,6 +453,26 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
+    d = cfg.distill
+    if not 1 <= d.guidance_min <= d.guidance_max:
+        raise ConfigError(
+            f"distill.guidance_min and guidance_max must satisfy 1 <= min <= max, got {d.guidance_min} and "
+            f"{d.guidance_max}: e.g. 2 and 8"
+        )
+    if cfg.train.num_train_timesteps % d.solver_steps or d.solver_steps > cfg.train.num_train_timesteps:
+        raise ConfigError(
+            f"distill.solver_steps {d.solver_steps} must divide train.num_train_timesteps "
+            f"{cfg.train.num_train_timesteps}: e.g. 50"
+        )
+    if not d.default_steps <= d.max_steps <= d.solver_steps:
+        raise ConfigError(
+            f"distill.default_steps <= distill.max_steps <= distill.solver_steps must hold, got {d.default_steps}, "
+            f"{d.max_steps} and {d.solver_steps}"
+        )
+    if not 0 <= d.target_ema < 1:
+        raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
+    if d.guidance_embedding_dim % 2:
+        raise ConfigError(f"distill.guidance_embedding_dim must be even, got {d.guidance_embedding_dim}")
     down = 2 ** (len(cfg.vae.block_out_channels) - 1)
     if not cfg.vae.pretrained and (
         cfg.data.image_size % down or cfg.vae.crop % down

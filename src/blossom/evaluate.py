@@ -192,3 +192,28 @@ def format_table(metrics: dict) -> str:
         for r in rows
     ]
     return "\n".join([*lines, f"({adherence_note(metrics)}; val loss {metrics['val_loss']})"])
+
+
+def evaluate_fast(cfg: Config, backend, classifier_dir: Path, out_dir: Path, steps: list[int]) -> dict:
+    """A distilled model's adherence at each number of steps (its own sampler, the configured
+    guidance), on the same prompts and seeds as the teacher's evaluation."""
+    import dataclasses
+
+    by_steps, files = {}, {}
+    for n in steps:
+        run = dataclasses.replace(
+            cfg, sample=dataclasses.replace(cfg.sample, sampler=backend.distilled["sampler"], steps=n)
+        )
+        m, f = procedural(run, backend, classifier_dir)
+        by_steps[str(n)] = m
+        if n == backend.distilled["default_steps"]:
+            files = f
+    metrics = {"guidance": cfg.sample.guidance, "steps": by_steps}
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        for name, content in files.items():
+            if isinstance(content, np.ndarray):
+                Image.fromarray(content).save(tmp / name)
+            else:
+                (tmp / name).write_text(content)
+    return metrics

@@ -22,6 +22,7 @@ import torch
 from blossom.errors import ModelError
 from blossom.fsutil import atomic_dir, write_json
 from blossom.layout import ONNX_FILES
+from blossom.sampling import guidance_embedding
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,19 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+class _StudentUNet(_UNet):
+    """A distilled UNet: the guidance embedding is one more input."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
+
+
 class _VAEDecoder(torch.nn.Module):
     """Scaled latents in, images in [-1, 1] out: the scaling factor is folded into the graph."""
 
@@ -63,23 +77,29 @@ class _VAEDecoder(torch.nn.Module):
 
 
 def write_pipeline(backend, out: Path) -> None:
-    """A diffusers StableDiffusionPipeline folder from a loaded TorchBackend."""
-    from diffusers import StableDiffusionPipeline
+    """A diffusers pipeline folder from a loaded TorchBackend: StableDiffusionPipeline, or
+    LatentConsistencyModelPipeline for a distilled model (DiffusionPipeline picks either)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    from blossom.sampling import make_scheduler
+    from blossom.sampling import FAST_SAMPLER, make_scheduler
 
     encoder = backend.text_encoder
     # The UNet was trained on states computed with the padding masked; diffusers passes the mask
     # only to encoders whose config asks for it.
     encoder.model.config.use_attention_mask = True
     encoder.tokenizer.model_max_length = encoder.max_tokens
-    pipe = StableDiffusionPipeline(
-        vae=backend.vae,
-        text_encoder=encoder.model,
-        tokenizer=encoder.tokenizer,
-        unet=backend.unet_model,
+    parts = {"vae": backend.vae, "text_encoder": encoder.model, "tokenizer": encoder.tokenizer}
+    if backend.distilled:
+        pipeline = LatentConsistencyModelPipeline
+        scheduler = make_scheduler(FAST_SAMPLER, backend.scheduler_config)
+    else:
+        pipeline = StableDiffusionPipeline
         # steps_offset only shifts "leading" spacing; 1 keeps diffusers from warning about an old config
-        scheduler=make_scheduler("ddim", {**backend.scheduler_config, "steps_offset": 1}),
+        scheduler = make_scheduler("ddim", {**backend.scheduler_config, "steps_offset": 1})
+    pipe = pipeline(
+        **parts,
+        unet=backend.unet_model,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
@@ -122,13 +142,15 @@ def write_onnx(backend, out: Path) -> None:
         ["last_hidden_state"],
     )
     states = enc(["a red flower", ""])
-    _export_onnx(
-        _UNet(unet),
-        (torch.randn(2, c, h, w), torch.tensor([500.0, 500.0]), states),
-        out / ONNX_FILES["unet"],
-        ["sample", "timestep", "encoder_hidden_states"],
-        ["noise_pred"],
-    )
+    args = (torch.randn(2, c, h, w), torch.tensor([500.0, 500.0]), states)
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    if backend.distilled:
+        cond = guidance_embedding(torch.tensor([5.0, 3.0]), backend.distilled["guidance_embedding_dim"])
+        _export_onnx(
+            _StudentUNet(unet), (*args, cond), out / ONNX_FILES["unet"], [*names, "timestep_cond"], ["noise_pred"]
+        )
+    else:
+        _export_onnx(_UNet(unet), args, out / ONNX_FILES["unet"], names, ["noise_pred"])
     _export_onnx(_VAEDecoder(vae), (torch.randn(2, c, h, w),), out / ONNX_FILES["vae_decoder"], ["latents"], ["images"])
     from blossom.backends import ort_session
 
@@ -140,10 +162,12 @@ CHECK_PROMPTS = ["a red flower with five round petals on green grass", "a white 
 
 
 def guided_sample(backend, steps: int = 4) -> torch.Tensor:
-    """The check prompts' images in [-1, 1] (DDIM with guidance, seed 0), before rounding to 8 bits."""
-    from blossom.sampling import denoise
+    """The check prompts' images in [-1, 1] (DDIM with guidance, or a distilled model's own sampler;
+    seed 0), before rounding to 8 bits."""
+    from blossom.sampling import FAST_SAMPLER, denoise
 
-    return backend.decode_float(denoise(backend, CHECK_PROMPTS, "ddim", steps, 5.0, 0))
+    sampler = FAST_SAMPLER if backend.distilled else "ddim"
+    return backend.decode_float(denoise(backend, CHECK_PROMPTS, sampler, steps, 5.0, 0))
 
 
 def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
@@ -153,9 +177,11 @@ def parity(torch_backend, onnx_backend, steps: int = 4) -> dict[str, float]:
     text_t, text_o = torch_backend.encode_text(CHECK_PROMPTS), onnx_backend.encode_text(CHECK_PROMPTS)
     lat = torch.randn(2, c, h, w, generator=g)
     t = torch.tensor([999.0, 250.0])
+    fast = torch_backend.distilled
+    cond = guidance_embedding(torch.tensor([5.0, 2.0]), fast["guidance_embedding_dim"]) if fast else None
     diffs = {
         "text_encoder": (text_t - text_o).abs().max().item(),
-        "unet": (torch_backend.unet(lat, t, text_t) - onnx_backend.unet(lat, t, text_t)).abs().max().item(),
+        "unet": (torch_backend.unet(lat, t, text_t, cond) - onnx_backend.unet(lat, t, text_t, cond)).abs().max().item(),
         "vae_decoder": (torch_backend.decode_float(lat) - onnx_backend.decode_float(lat)).abs().max().item(),
     }
     diffs["image"] = (guided_sample(torch_backend, steps) - guided_sample(onnx_backend, steps)).abs().max().item()
@@ -227,32 +253,52 @@ def export(
     calibration: list[str] | None = None,
     sampling: tuple[str, int, float] = ("unipc", 15, 5.0),
     int8_bar: bool = True,
+    fast_dir: Path | None = None,
 ) -> dict:
     """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers.
     With calibration captions, also the int8 UNet and VAE decoder, calibrated by sampling them
     (sampler, steps, guidance), kept only within INT8_MIN_PSNR_DB of fp32 unless int8_bar is False
-    (benchmarks timing random weights, whose int8 accuracy means nothing)."""
-    from blossom.backends import OnnxBackend, TorchBackend, check_finished
+    (benchmarks timing random weights, whose int8 accuracy means nothing). fast_dir: a distilled
+    student, exported the same way into out_dir/fast (its numbers prefixed `fast_`)."""
+    from blossom.backends import check_finished
 
-    check_finished(model_dir)
-    torch_backend = TorchBackend(model_dir)
+    for folder in (model_dir, fast_dir):
+        if folder is not None:
+            check_finished(folder)
     with atomic_dir(out_dir) as tmp:
-        write_pipeline(torch_backend, tmp)
-        for name in ("blossom.json", "train.json", "champion.json", "metrics.json", "samples.png"):
-            if (model_dir / name).exists():
-                shutil.copy2(model_dir / name, tmp / name)
-        info = json.loads((tmp / "blossom.json").read_text())
-        info["text"]["encoder"] = "text_encoder"  # self-contained: the folder carries its own encoder
-        write_json(tmp / "blossom.json", info)
-        (tmp / "onnx").mkdir()
-        write_onnx(torch_backend, tmp / "onnx")
-        onnx_backend = OnnxBackend(tmp)
-        diffs = parity(torch_backend, onnx_backend)
-        check_parity(diffs)
-        if calibration:
-            diffs["image_int8_psnr_db"] = write_int8_within_bar(
-                tmp / "onnx", onnx_backend, calibration, sampling, INT8_MIN_PSNR_DB if int8_bar else float("-inf")
-            )["psnr_db"]
-        write_json(tmp / "onnx" / "parity.json", {k: float(np.float32(v)) for k, v in diffs.items()})
+        diffs = _export_into(model_dir, tmp, calibration, sampling, int8_bar)
+        if fast_dir is not None:
+            (tmp / FAST).mkdir()
+            fast = _export_into(fast_dir, tmp / FAST, calibration, sampling, int8_bar)
+            diffs.update({f"fast_{k}": v for k, v in fast.items()})
     log.info("ONNX parity (max abs diff): %s", diffs)
+    return diffs
+
+
+FAST = "fast"  # the exported folder's sub-folder for a distilled student
+
+
+def _export_into(model_dir: Path, tmp: Path, calibration, sampling, int8_bar: bool) -> dict:
+    from blossom.backends import OnnxBackend, TorchBackend
+
+    torch_backend = TorchBackend(model_dir)
+    if torch_backend.distilled:  # calibrate int8 on what the student is served with
+        sampling = (torch_backend.distilled["sampler"], torch_backend.distilled["default_steps"], sampling[2])
+    write_pipeline(torch_backend, tmp)
+    for name in ("blossom.json", "train.json", "champion.json", "metrics.json", "samples.png"):
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, tmp / name)
+    info = json.loads((tmp / "blossom.json").read_text())
+    info["text"]["encoder"] = "text_encoder"  # self-contained: the folder carries its own encoder
+    write_json(tmp / "blossom.json", info)
+    (tmp / "onnx").mkdir()
+    write_onnx(torch_backend, tmp / "onnx")
+    onnx_backend = OnnxBackend(tmp)
+    diffs = parity(torch_backend, onnx_backend)
+    check_parity(diffs)
+    if calibration:
+        diffs["image_int8_psnr_db"] = write_int8_within_bar(
+            tmp / "onnx", onnx_backend, calibration, sampling, INT8_MIN_PSNR_DB if int8_bar else float("-inf")
+        )["psnr_db"]
+    write_json(tmp / "onnx" / "parity.json", {k: float(np.float32(v)) for k, v in diffs.items()})
     return diffs

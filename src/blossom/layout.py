@@ -26,10 +26,16 @@ def has_int8(folder: str | Path) -> bool:
     return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
 
 
-def unet_feed(latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
-    """The exported UNet's inputs by name: float32 arrays, one timestep per row."""
-    return {
+def unet_feed(
+    latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """The exported UNet's inputs by name: float32 arrays, one timestep per row; a distilled UNet
+    also takes its guidance embedding (`timestep_cond`)."""
+    feed = {
         "sample": latents.float().numpy(),
         "timestep": t.float().reshape(-1).expand(len(latents)).contiguous().numpy(),
         "encoder_hidden_states": text.float().numpy(),
     }
+    if cond is not None:
+        feed["timestep_cond"] = cond.float().numpy()
+    return feed

@@ -105,6 +105,37 @@ def card_data(repo_id: str, data: dict, metrics: dict | None):
     )
 
 
+def fast_section(folder: Path, repo_id: str) -> list[str]:
+    """The card's part on the distilled few-step student in `fast/`, when the export has one."""
+    info = (_read(folder / "fast" / "blossom.json") or {}).get("distilled")
+    if not info:
+        return []
+    metrics = _read(folder / "fast" / "metrics.json")
+    lines = [
+        "## Fast: the distilled few-step model",
+        "",
+        f"`fast/` holds a student distilled from this model by {info['method']} (LCM): "
+        f"{info['default_steps']} steps by default (1 to {info['max_steps']}), one UNet call per step with the "
+        f"guidance scale as an input (trained for {info['guidance_range'][0]:g} to {info['guidance_range'][1]:g}). "
+        "It loads as a `LatentConsistencyModelPipeline`, and has its own ONNX graphs in `fast/onnx/`.",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained(snapshot_download("{repo_id}") + "/fast")',
+        'image = pipe("a red flower with five round petals on green grass",',
+        f"             num_inference_steps={info['default_steps']}, guidance_scale=5.0).images[0]",
+        "```",
+        "",
+    ]
+    if metrics and "adherence" in metrics:
+        rows = adherence_table(metrics)
+        lines += [f"Its prompt adherence ({adherence_note(metrics)}):", ""]
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
+    return lines
+
+
 def model_card(folder: Path, repo_id: str) -> str:
     """The card for an exported folder, from the metrics, config and samples it carries."""
     train = _read(folder / "train.json") or {}
@@ -175,6 +206,7 @@ def model_card(folder: Path, repo_id: str) -> str:
         "             guidance_scale=5.0).images[0]",
         "```",
         "",
+        *fast_section(folder, repo_id),
         "## Training data",
         "",
         TRAINING_DATA[data["source"]](data),

@@ -17,6 +17,7 @@ from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "blossom"  # the name of the trained model folder among the pyfunc's artifacts
 PARAMS = {"sampler": "unipc", "steps": 15, "guidance": 5.0, "seed": 0}
+FAST_PARAMS = {**PARAMS, "sampler": "lcm", "steps": 4}  # a distilled (`fast`) model's defaults
 
 
 def png_base64(image) -> str:

@@ -43,13 +43,14 @@ class _Recorder:
     def __init__(self, backend):
         self.backend, self.unet_feeds = backend, []
         self.latent_shape, self.scheduler_config = backend.latent_shape, backend.scheduler_config
+        self.distilled = getattr(backend, "distilled", None)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return self.backend.encode_text(prompts)
 
-    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        self.unet_feeds.append({k: v.copy() for k, v in unet_feed(latents, t, text).items()})
-        return self.backend.unet(latents, t, text)
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond=None) -> torch.Tensor:
+        self.unet_feeds.append({k: v.copy() for k, v in unet_feed(latents, t, text, cond).items()})
+        return self.backend.unet(latents, t, text, cond)
 
 
 def calibration_feeds(

@@ -8,6 +8,7 @@ others were generated beside it.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,12 +22,18 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 
 from blossom.errors import BlossomError
 
+log = logging.getLogger(__name__)
+
 SAMPLERS = ("ddim", "dpm++2m", "unipc", "euler", "ddpm")
+# A distilled (fast) model draws with its own sampler, one UNet call per step, the guidance scale
+# fed to the UNet (diffusers' time_cond_proj_dim) instead of a second, unconditional pass.
+FAST_SAMPLER = "lcm"
 # Limits on one request. Steps: the schedule has 1,000 training timesteps, and no sampler can take
 # more steps than that. Guidance above ~20 only saturates colours. Seeds: seed + i must fit the
 # 64-bit generator state, and 2**32 keeps them NumPy-compatible too.
@@ -35,7 +42,7 @@ MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 1000, 50.0, 2**32 - 1
 
 def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int = 1) -> None:
     """A one-line error for a request no sampler can serve, before any model is loaded."""
-    if sampler not in SAMPLERS:
+    if sampler not in (*SAMPLERS, FAST_SAMPLER):
         raise BlossomError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if not 0 < steps <= MAX_STEPS:
         raise BlossomError(
@@ -50,18 +57,33 @@ def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int =
 class Backend(Protocol):
     latent_shape: tuple[int, int, int]
     scheduler_config: dict
+    distilled: dict | None  # blossom.json's "distilled" entry for a student, else None
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor: ...
 
-    def unet(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
+    def unet(
+        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
     def decode_float(self, latents: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
+def guidance_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """What a distilled UNet reads its guidance scale from: the sinusoidal embedding of (scale - 1)
+    that diffusers' LatentConsistencyModelPipeline feeds as `timestep_cond` (tests check it is the same)."""
+    half = dim // 2
+    # the pipeline's own order of operations: arguments reach ~10^4, where float32 rounding shows
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = ((scale.float() - 1) * 1000)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
 def make_scheduler(name: str, train_config: dict):
     base = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    if name == FAST_SAMPLER:
+        return LCMScheduler.from_config(base)
     # clip_sample would clip unit-variance latents to [-1, 1]: chance-level images.
     # "trailing" spacing starts at the last training timestep, which few-step sampling needs.
     common = {"clip_sample": False, "timestep_spacing": "trailing"}
@@ -97,6 +119,28 @@ def sample(
     return backend.decode(denoise(backend, prompts, sampler, steps, guidance, seed, progress))
 
 
+def check_fast(backend: Backend, sampler: str, steps: int) -> None:
+    """A distilled model takes only its own sampler, and a teacher not that one."""
+    fast = getattr(backend, "distilled", None)
+    if fast is None and sampler == FAST_SAMPLER:
+        raise BlossomError(
+            f"the {FAST_SAMPLER} sampler draws with distilled models only: run `blossom distill` and pass its model "
+            f"(or --fast), or choose one of {', '.join(SAMPLERS)}"
+        )
+    if fast is not None and sampler != FAST_SAMPLER:
+        raise BlossomError(
+            f"this is a distilled few-step model: it draws with the {FAST_SAMPLER} sampler "
+            f"(--sampler {FAST_SAMPLER} --steps {fast['default_steps']}), not {sampler}"
+        )
+    if fast is not None and steps > fast["max_steps"]:
+        log.warning(
+            "%d steps is past the %d this model was distilled for (%s by default): more steps only blur",
+            steps,
+            fast["max_steps"],
+            fast["default_steps"],
+        )
+
+
 @torch.no_grad()
 def denoise(
     backend: Backend,
@@ -111,6 +155,9 @@ def denoise(
     if not prompts:
         raise BlossomError("no prompts given: pass at least one prompt")
     check_request(sampler, steps, guidance, seed, len(prompts))
+    check_fast(backend, sampler, steps)
+    if sampler == FAST_SAMPLER:
+        return _denoise_fast(backend, prompts, steps, guidance, seed, progress)
     sched = make_scheduler(sampler, backend.scheduler_config)
     sched.set_timesteps(steps)
     n = len(prompts)
@@ -131,6 +178,27 @@ def denoise(
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance * (cond - uncond)
         latents = sched.step(pred, t, latents, **extra).prev_sample
+        if progress:
+            progress(i + 1, steps)
+    return latents
+
+
+def _denoise_fast(
+    backend: Backend, prompts: list[str], steps: int, guidance: float, seed: int, progress
+) -> torch.Tensor:
+    """The consistency sampler: one UNet call per step, guidance as an input. Each image draws its
+    starting and its per-step noise from its own generator (seed + i), as diffusers'
+    LatentConsistencyModelPipeline does when handed one generator per image: the same images."""
+    sched = make_scheduler(FAST_SAMPLER, backend.scheduler_config)
+    sched.set_timesteps(steps)
+    n = len(prompts)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    text = backend.encode_text(list(prompts))
+    latents = torch.cat([torch.randn((1, *backend.latent_shape), generator=g) for g in gens]) * sched.init_noise_sigma
+    cond = guidance_embedding(torch.full((n,), float(guidance)), backend.distilled["guidance_embedding_dim"])
+    for i, t in enumerate(sched.timesteps):
+        pred = backend.unet(latents, t.expand(n), text, cond)
+        latents = sched.step(pred, t, latents, generator=gens).prev_sample
         if progress:
             progress(i + 1, steps)
     return latents

@@ -23,6 +23,7 @@ from blossom.stats import flatten as numeric
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+FAST = "fast"  # the alias of the distilled student that holds its adherence bar
 
 
 class TrackingError(BlossomError):
@@ -125,17 +126,19 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
 
 
 def log_pyfunc(folder: Path, registered_name: str):
-    """The model folder as a registered MLflow pyfunc (pyfunc.py): an MLmodel with its signature."""
+    """The model folder as a registered MLflow pyfunc (pyfunc.py): an MLmodel with its signature,
+    whose default params are a distilled model's own sampler and steps for a student."""
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
 
     from blossom import pyfunc
 
+    distilled = json.loads((folder / "blossom.json").read_text()).get("distilled")
     signature = infer_signature(
         pd.DataFrame({"prompt": ["a red flower with five round petals on grass"]}),
         pd.DataFrame({"image": ["iVBORw0KGgo="]}),
-        params=pyfunc.PARAMS,
+        params=pyfunc.FAST_PARAMS if distilled else pyfunc.PARAMS,
     )
     return mlflow.pyfunc.log_model(
         name="model",
@@ -198,3 +201,32 @@ def promote(cfg: Config, candidate: dict, out_dir: Path) -> dict:
         shutil.rmtree(tmp / ".dl")
         write_json(tmp / "champion.json", identity)
     return {"promoted": improved, **identity}
+
+
+def log_student(cfg: Config, distill_dir: Path, metrics: dict, holds: bool, teacher_run: str | None) -> dict:
+    """The distillation as its own MLflow run (tagged with the teacher's run id), the student as a
+    version of the registered model; the `fast` alias moves to it only when it holds its bar."""
+    import mlflow
+
+    model_dir = distill_dir / "model"
+    info = json.loads((model_dir / "train.json").read_text())["distill"]
+    params = {f"distill.{k}": v for k, v in flatten(cfg.to_dict()["distill"]).items()}
+    with _guard("logging", cfg):
+        client = _client(cfg)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        with mlflow.start_run(run_name=f"{cfg.preset}-distill-{info['steps']}steps") as run:
+            mlflow.set_tags({"teacher_run_id": teacher_run or "", "kind": "distilled"})
+            mlflow.log_params(params)
+            for step, loss in info["loss_history"]:
+                mlflow.log_metric("distill_loss", loss, step=step)
+            mlflow.log_metrics(
+                numeric({"steps": {n: m["adherence"]["all"]["all"] for n, m in metrics["steps"].items()}})
+            )
+            mlflow.log_metric("holds_bar", float(holds))
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp) / "blossom"
+                shutil.copytree(model_dir, folder)
+                version = str(log_pyfunc(folder, cfg.tracking.model_name).registered_model_version)
+            if holds:
+                client.set_registered_model_alias(cfg.tracking.model_name, FAST, version)
+    return {"run_id": run.info.run_id, "version": version, "fast": holds}

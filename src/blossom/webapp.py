@@ -18,7 +18,7 @@ from PIL import Image
 
 from blossom.config import app_settings
 from blossom.errors import BlossomError
-from blossom.sampling import SAMPLERS
+from blossom.sampling import FAST_SAMPLER, SAMPLERS
 from blossom.stats import adherence_table
 
 BACKEND_LABELS = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
@@ -29,6 +29,7 @@ EXAMPLES = [
     "a blue flower with six round petals under a clear sky",
 ]
 MAX_IMAGES, MAX_STEPS, MAX_SEED = 8, 100, 2**31 - 1
+FAST_MAX_STEPS = 8
 
 
 def find_model() -> Path | None:
@@ -48,10 +49,11 @@ def find_model() -> Path | None:
 # What each use of a Hub model repo needs: the page its card and metadata, each backend its own
 # weights (a published repo holds both formats; one backend never needs the other's).
 HUB_FILES = {
-    "card": ["*.json", "*.md", "*.png", "tokenizer/*", "scheduler/*"],
-    "onnx": ["onnx/*"],
-    "torch": ["unet/*", "vae/*", "text_encoder/*"],
+    "card": ["*.json", "*.md", "*.png", "tokenizer/*", "scheduler/*", "fast/tokenizer/*", "fast/scheduler/*"],
+    "onnx": ["onnx/*", "fast/onnx/*"],
+    "torch": ["unet/*", "vae/*", "text_encoder/*", "fast/unet/*", "fast/vae/*", "fast/text_encoder/*"],
 }
+FAST = "fast"  # the distilled student's sub-folder of an exported or published model
 
 
 @st.cache_resource(show_spinner="Downloading the model…")
@@ -62,13 +64,19 @@ def _download(repo_id: str, part: str = "card") -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def load(backend: str, folder: str, precision: str = "fp32"):
+def load(backend: str, folder: str, precision: str = "fp32", fast: bool = False):
     from blossom.backends import load_backend
 
     repo = app_settings().hub_repo
     if repo:
         folder = _download(repo, backend)  # the same snapshot folder, now with this backend's weights
-    return load_backend(backend, folder, precision)
+    return load_backend(backend, Path(folder) / FAST if fast else folder, precision)
+
+
+def has_fast(folder: Path) -> bool:
+    """Whether the folder carries a distilled few-step student (`blossom distill`, then export)."""
+    path = folder / FAST / "blossom.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("distilled"))
 
 
 def precisions(backend: str, folder: Path) -> list[str]:
@@ -157,25 +165,38 @@ def main() -> None:
     prompt = st.text_area("Prompt", key="prompt", height=80)
 
     c1, c2, c3 = st.columns(3)
+    fast = c1.toggle(
+        "Fast (distilled, 1-8 steps)",
+        value=False,
+        disabled=not has_fast(folder),
+        help="the few-step student `blossom distill` made of this model: one UNet call per step, guidance built in"
+        if has_fast(folder)
+        else "this model has no distilled student: run `blossom distill`, then export and publish",
+    )
+    served = folder / FAST if fast else folder
     backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
     precision = c1.radio(
         "Precision",
-        precisions(backend_name, folder),
+        precisions(backend_name, served),
         horizontal=True,
         help="int8 (ONNX Runtime) and bf16 (PyTorch, on CPUs with AVX512-BF16 or AMX) trade "
         "a little accuracy for speed on large models; auto picks int8 on CPUs with VNNI "
         "int8 dot products, fp32 elsewhere",
     )
-    sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
-    steps = c2.slider("Steps", 1, MAX_STEPS, 15)
+    if fast:
+        sampler = c1.selectbox("Sampler", [FAST_SAMPLER], disabled=True)
+        steps = c2.slider("Steps", 1, FAST_MAX_STEPS, 4, key="fast-steps")
+    else:
+        sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
+        steps = c2.slider("Steps", 1, MAX_STEPS, 15)
     guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
     n = c3.number_input("Images", 1, MAX_IMAGES, 4)
     random_seed = c3.checkbox("Random seed")
     seed = c3.number_input("Seed", 0, MAX_SEED, 0, disabled=random_seed)
 
     try:
-        backend = load(backend_name, str(folder), precision)
-        sidebar(folder)
+        backend = load(backend_name, str(folder), precision, fast)
+        sidebar(served)
     except (
         Exception
     ) as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-def _digest(path: Path) -> str:
+def digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -40,7 +40,7 @@ def _digest(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    write_json(folder / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files})
+    write_json(folder / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": digest(p)} for p in files})
 
 
 def damage(folder: Path) -> str | None:
@@ -55,7 +55,7 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
-        if _digest(path) != want["sha256"]:
+        if digest(path) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

@@ -1,0 +1,56 @@
+"""One image from the tiny model: the distilled student against its teacher, side by side in one run.
+
+The teacher at its default (UniPC 15 steps, guidance as a batch of two: 30 UNet evaluations);
+the student at 1, 2, 4 and 8 steps (one UNet call per step, guidance embedded); both in ONNX
+Runtime fp32, and int8 where the export holds int8 graphs; `auto` is what `--precision auto`
+picks on this CPU. Needs an export with a student in it (`blossom distill` then `blossom export`):
+
+    .venv/bin/python benchmarks/fast.py [--export outputs/export] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from machine import machine_line
+from timing import median_seconds
+
+from blossom.backends import OnnxBackend, load_backend, physical_cores
+from blossom.layout import has_int8
+from blossom.sampling import sample
+
+PROMPT = "a red flower with five round petals on green grass"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--export", default="outputs/export", help="an exported folder with a fast/ student")
+    ap.add_argument("--rounds", type=int, default=3, help="blocks of 5 timed images per path, taking turns")
+    args = ap.parse_args()
+    torch.set_num_threads(physical_cores())
+    print(machine_line())
+    teacher_dir, student_dir = Path(args.export), Path(args.export) / "fast"
+    if not (student_dir / "blossom.json").exists():
+        raise SystemExit(f"{student_dir} holds no student: run `blossom distill` and `blossom export` first")
+    teacher, student = OnnxBackend(teacher_dir), OnnxBackend(student_dir)
+    fns = {"teacher fp32 unipc-15": lambda seed: sample(teacher, [PROMPT], "unipc", 15, 5.0, seed)}
+    if has_int8(teacher_dir):
+        t8 = OnnxBackend(teacher_dir, precision="int8")
+        fns["teacher int8 unipc-15"] = lambda seed: sample(t8, [PROMPT], "unipc", 15, 5.0, seed)
+    for n in (1, 2, 4, 8):
+        fns[f"student fp32 lcm-{n}"] = lambda seed, n=n: sample(student, [PROMPT], "lcm", n, 5.0, seed)
+    if has_int8(student_dir):
+        s8 = OnnxBackend(student_dir, precision="int8")
+        fns["student int8 lcm-4"] = lambda seed: sample(s8, [PROMPT], "lcm", 4, 5.0, seed)
+    auto = load_backend("onnx", student_dir, "auto")
+    print(f"--precision auto on this CPU: {auto.precision} ({auto.precision_why})")
+    times = median_seconds(fns, rounds=args.rounds)
+    base = times["teacher fp32 unipc-15"]
+    for name, t in times.items():
+        print(f"{name:>22}: {t * 1000:7.1f} ms/image  ({base / t:5.2f}x the teacher's default)")
+
+
+if __name__ == "__main__":
+    main()

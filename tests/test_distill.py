@@ -1,0 +1,191 @@
+"""Few-step distillation: the student's pieces match diffusers' LCM, it starts as the teacher,
+resumes exactly, samples the same image in blossom and in diffusers' own pipeline, and exports
+to ONNX within the parity bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blossom.backends import TorchBackend, fast_folder
+from blossom.sampling import guidance_embedding, sample
+from blossom.train.distill import boundary, distill, student_from
+
+DISTILL = {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "guidance_embedding_dim": 16}
+
+
+def micro_distill_cfg(cfg, **extra):
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **{**DISTILL, **extra}))
+
+
+@pytest.fixture(scope="module")
+def student(micro_exported, micro_prepared, tmp_path_factory):
+    teacher, _, _ = micro_exported
+    cfg, paths = micro_prepared
+    out = tmp_path_factory.mktemp("distill")
+    result = distill(micro_distill_cfg(cfg), paths.cache, teacher, out)
+    return out, result
+
+
+def test_guidance_embedding_is_the_lcm_pipelines():
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([1.0, 3.5, 8.0])
+    want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=32)
+    assert torch.allclose(guidance_embedding(w, 32), want, atol=1e-6)
+
+
+def test_boundary_condition_is_the_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(timestep_scaling=10.0)
+    for t in (0, 19, 259, 999):
+        c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+        got = boundary(torch.tensor([t]))
+        assert got[0].item() == pytest.approx(c_skip, rel=1e-6) and got[1].item() == pytest.approx(c_out, rel=1e-6)
+
+
+def test_the_student_starts_as_the_teacher(micro_exported):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(micro_exported[0] / "unet").eval()
+    s = student_from(teacher, 16).eval()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([999, 300]), torch.randn(2, 16, 384)
+    with torch.no_grad():
+        a = teacher(x, t, encoder_hidden_states=text).sample
+        b = s(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.tensor([2.0, 7.0]), 16)).sample
+    assert torch.equal(a, b)
+
+
+def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepared):
+    out, result = student
+    info = json.loads((out / "model" / "blossom.json").read_text())["distilled"]
+    assert info["default_steps"] == 4 and info["sampler"] == "lcm" and info["guidance_embedding_dim"] == 16
+    assert [h[0] for h in result["loss_history"]] == [1, 2, 3, 4]
+    assert (
+        json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    )
+    backend = TorchBackend(out / "model")
+    a = sample(backend, ["a red flower", "a blue flower"], "lcm", 2, 5.0, seed=3)
+    b = sample(backend, ["a blue flower"], "lcm", 2, 5.0, seed=4)
+    assert a.shape == (2, 32, 32, 3) and np.array_equal(a[1], b[0])  # image i depends on seed + i only
+    assert fast_folder(out, out / "model") == out / "model"
+
+
+def test_distil_resumes_bit_equal(student, micro_exported, micro_prepared, tmp_path):
+    """Two steps, stop, resume to four: the same student and target as four steps straight."""
+    teacher, _, _ = micro_exported
+    cfg, paths = micro_prepared
+    distill(micro_distill_cfg(cfg, steps=2), paths.cache, teacher, tmp_path)
+    resumed = distill(micro_distill_cfg(cfg), paths.cache, teacher, tmp_path, resume="auto")
+    straight, _ = student
+    assert resumed["loss_history"] == student[1]["loss_history"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(straight / "checkpoints" / "step-000004" / name)
+        b = load_file(tmp_path / "checkpoints" / "step-000004" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_setting_does_not_resume(student, micro_exported, micro_prepared, tmp_path):
+    teacher, _, _ = micro_exported
+    cfg, paths = micro_prepared
+    distill(micro_distill_cfg(cfg, steps=2), paths.cache, teacher, tmp_path)
+    again = distill(micro_distill_cfg(cfg, steps=2, lr=5e-4), paths.cache, teacher, tmp_path, resume="auto")
+    assert [h[0] for h in again["loss_history"]] == [1, 2]  # started afresh
+
+
+def test_exported_student_loads_in_diffusers_and_matches_blossom(student, micro_exported, micro_prepared, tmp_path):
+    """The fast/ folder: DiffusionPipeline picks the LCM pipeline with no blossom code and draws
+    blossom's image for the same seed; its ONNX graphs hold the parity bar."""
+    from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline
+
+    from blossom.backends import OnnxBackend
+    from blossom.export import export
+
+    teacher, _, _ = micro_exported
+    out, _ = student
+    diffs = export(teacher, tmp_path / "export", None, ("unipc", 4, 5.0), fast_dir=out / "model")
+    assert diffs["fast_unet"] < 1e-4 and diffs["fast_image"] < 1e-3
+    fast = tmp_path / "export" / "fast"
+    pipe = DiffusionPipeline.from_pretrained(fast)
+    assert isinstance(pipe, LatentConsistencyModelPipeline)
+    prompts = ["a red flower", "a white flower at night"]
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="np").images
+    ours = sample(TorchBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
+    assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
+    onnx = sample(OnnxBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
+    assert np.abs(onnx.astype(int) - ours.astype(int)).max() <= 2
+    assert fast_folder(tmp_path / "export", tmp_path / "none") == fast
+
+
+def test_steps_past_what_was_distilled_warn(student, caplog):
+    out, _ = student
+    backend = TorchBackend(out / "model")
+    sample(backend, ["a red flower"], "lcm", 9, 5.0)
+    assert "past the 8 this model was distilled for" in caplog.text
+
+
+def test_distill_stage_registers_fast_and_every_path_serves_it(micro_exported, micro_prepared, tmp_path, monkeypatch):
+    """As a user runs it: promote a champion, `blossom distill` scores the student at 1/2/4/8 steps
+    and registers it (alias `fast` when it holds the bar: the bar is opened wide here, since a
+    4-step micro teacher scores by chance); `models:/blossom@fast` draws with the student's own
+    sampler by default; `blossom export` puts it in fast/ and `generate --fast` draws from that."""
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    from conftest import micro_args
+
+    from blossom import cli
+
+    teacher, _, _ = micro_exported
+    _, paths = micro_prepared
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    for name in ("data", "cache", "vae"):
+        (out / name).symlink_to(getattr(paths, name))
+    shutil.copytree(teacher.parent, out / "train", ignore=shutil.ignore_patterns("checkpoints"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        *micro_args(out),
+        "--set",
+        f"tracking.uri={uri}",
+        *[a for k, v in DISTILL.items() for a in ("--set", f"distill.{k}={v}")],
+    ]
+    for stage in ("classifier", "evaluate", "promote"):
+        assert cli.main([*args, stage]) == 0
+    monkeypatch.setattr(cli, "FAST_BAR", 1.0)
+    assert cli.main([*args, "distill"]) == 0
+    metrics = json.loads((out / "distill" / "eval" / "metrics.json").read_text())
+    assert list(metrics["steps"]) == ["1", "2", "4", "8"]
+    assert all(m["images"] == metrics["steps"]["4"]["images"] > 0 for m in metrics["steps"].values())
+    reported = json.loads((tmp_path / "reports" / "metrics" / "distill.json").read_text())
+    assert reported["holds_bar"] is True and "acc" in reported["steps_4"]["petal_color"]
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    fast = client.get_model_version_by_alias("blossom", "fast")
+    champ = client.get_model_version_by_alias("blossom", "champion")
+    assert fast.version != champ.version
+    assert client.get_run(fast.run_id).data.tags["teacher_run_id"] == champ.run_id
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/blossom@fast")
+    drawn = model.predict(pd.DataFrame({"prompt": ["a red flower"]}))
+    assert len(drawn["image"]) == 1
+
+    assert cli.main([*args, "export"]) == 0
+    assert (
+        json.loads((out / "export" / "fast" / "blossom.json").read_text())["distilled"]["teacher_run"] == champ.run_id
+    )
+    assert cli.main([*args, "generate", "a red flower", "--fast", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "000.png").exists()
+    assert cli.main([*args, "publish"]) == 0
+    card = (out / "hub" / "blossom-flowers" / "README.md").read_text()
+    assert "## Fast: the distilled few-step model" in card and "num_inference_steps=4," in card
+    assert (out / "hub" / "blossom-flowers" / "fast" / "onnx" / "unet.onnx").exists()
