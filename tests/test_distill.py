@@ -99,19 +99,27 @@ def test_a_changed_setting_does_not_resume(student, micro_exported, micro_prepar
     assert [h[0] for h in again["loss_history"]] == [1, 2]  # started afresh
 
 
-def test_exported_student_loads_in_diffusers_and_matches_blossom(student, micro_exported, micro_prepared, tmp_path):
+@pytest.fixture(scope="module")
+def exported(student, micro_exported, tmp_path_factory):
+    """The micro teacher exported with its student in fast/: (export folder, parity numbers)."""
+    from blossom.export import export
+
+    teacher, _, _ = micro_exported
+    out, _ = student
+    folder = tmp_path_factory.mktemp("exported") / "export"
+    return folder, export(teacher, folder, None, ("unipc", 4, 5.0), fast_dir=out / "model")
+
+
+def test_exported_student_loads_in_diffusers_and_matches_blossom(exported, tmp_path):
     """The fast/ folder: DiffusionPipeline picks the LCM pipeline with no blossom code and draws
     blossom's image for the same seed; its ONNX graphs hold the parity bar."""
     from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline
 
     from blossom.backends import OnnxBackend
-    from blossom.export import export
 
-    teacher, _, _ = micro_exported
-    out, _ = student
-    diffs = export(teacher, tmp_path / "export", None, ("unipc", 4, 5.0), fast_dir=out / "model")
+    folder, diffs = exported
     assert diffs["fast_unet"] < 1e-4 and diffs["fast_image"] < 1e-3
-    fast = tmp_path / "export" / "fast"
+    fast = folder / "fast"
     pipe = DiffusionPipeline.from_pretrained(fast)
     assert isinstance(pipe, LatentConsistencyModelPipeline)
     prompts = ["a red flower", "a white flower at night"]
@@ -121,7 +129,28 @@ def test_exported_student_loads_in_diffusers_and_matches_blossom(student, micro_
     assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
     onnx = sample(OnnxBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
     assert np.abs(onnx.astype(int) - ours.astype(int)).max() <= 2
-    assert fast_folder(tmp_path / "export", tmp_path / "none") == fast
+    assert fast_folder(folder, tmp_path / "none") == fast
+
+
+def test_the_apps_fast_switch_serves_the_student(exported, micro_exported, monkeypatch):
+    """The switch is off (and disabled) for a model without a student; on, the page draws the
+    student's 4-step images for the seed, the same as the backend does."""
+    from test_app import generate, page
+
+    from blossom.backends import load_backend
+
+    at = page(monkeypatch, BLOSSOM_MODEL=micro_exported[1])
+    assert at.toggle[0].disabled
+    folder, _ = exported
+    at = page(monkeypatch, BLOSSOM_MODEL=folder)
+    assert not at.toggle[0].disabled and not at.toggle[0].value
+    at.toggle[0].set_value(True).run()
+    assert at.slider[0].max == 8 and at.slider[0].value == 4
+    prompt = "a pink flower with six thin petals at night"
+    at = generate(at, prompt, n=2, seed=5)
+    assert "(lcm, 4 steps, guidance 5.0, seed 5)" in at.success[0].value
+    want = sample(load_backend("onnx", folder / "fast"), [prompt] * 2, "lcm", 4, 5.0, 5)
+    assert np.array_equal(at.session_state["result"]["images"], want)
 
 
 def test_steps_past_what_was_distilled_warn(student, caplog):

@@ -188,6 +188,8 @@ class OnnxBackend:
         return torch.from_numpy(states)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if "" not in prompts:  # a distilled model's (and unguided) requests: nothing to splice in
+            return self._encode(prompts)
         # The empty prompt (the unconditional half of guidance) is encoded once per process.
         if self._empty_text is None:
             self._empty_text = self._encode([""])
