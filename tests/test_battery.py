@@ -171,13 +171,17 @@ def fake_checkpoint(root: Path) -> list[str]:
     return ["train", "--resume", "latest"]
 
 
-def fake_student(root: Path) -> Path:
-    """The trained model's folder marked as a distilled student (enough for the refusals)."""
+def fake_student(root: Path, lcm: bool = True) -> Path:
+    """The trained model's folder marked as a distilled student (enough for the refusals), with
+    the LCM scheduler a student has, or (lcm False) still its teacher's."""
     folder = root / "student"
     shutil.copytree(root / "outputs" / "train" / "model", folder)
     info = json.loads((folder / "blossom.json").read_text())
     info["distilled"] = {"sampler": "lcm", "default_steps": 4, "max_steps": 8, "guidance_embedding_dim": 8}
     rewrite(folder / "blossom.json", json.dumps(info).encode())
+    if lcm:
+        path = folder / "scheduler" / "scheduler_config.json"
+        rewrite(path, json.dumps({**json.loads(path.read_text()), "_class_name": "LCMScheduler"}).encode())
     return folder
 
 
@@ -463,6 +467,12 @@ CASES = [
         lambda root: ["generate", "x", "--model", str(fake_student(root)), "--sampler", "ddim"],
         2,
         "is a distilled few-step model",
+    ),
+    (
+        "student with a teacher's scheduler",
+        lambda root: ["generate", "x", "--model", str(fake_student(root, lcm=False))],
+        2,
+        "but a DDPMScheduler scheduler",
     ),
     ("export fast model not a student", S("export", "--fast-model", "nowhere"), 2, "is not a distilled model"),
     # app

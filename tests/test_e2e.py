@@ -35,9 +35,11 @@ def test_run_then_generate(tmp_path):
         "classifier",
         "evaluate",
         "promote",
+        "distill",  # skipped: distill.enabled is false by default
         "export",
         "publish",
     }
+    assert not (out / "distill" / "model" / "blossom.json").exists() and not (out / "export" / "fast").exists()
     for stage in ("data", "vae", "cache", "train", "classifier", "eval"):
         assert (out / stage / "config.yaml").exists()
     assert "promoted to champion" in res.stdout  # the first run in a fresh MLflow store

@@ -52,6 +52,21 @@ def fast_folder(folder: Path, distilled: Path) -> Path:
     )
 
 
+def check_scheduler(folder: Path, distilled: dict | None, scheduler_config: dict) -> None:
+    """A distilled UNet samples only with the LCM scheduler it was distilled for, and a teacher not with it."""
+    kind = scheduler_config.get("_class_name")
+    if distilled and kind != "LCMScheduler":
+        raise ModelError(
+            f"{folder} holds a distilled few-step UNet but a {kind} scheduler: its scheduler/ must be the "
+            "LCMScheduler `blossom distill` wrote; distil it again (or copy the student's scheduler/ back)"
+        )
+    if not distilled and kind == "LCMScheduler":
+        raise ModelError(
+            f"{folder} has an LCMScheduler but no distilled UNet (blossom.json has no 'distilled' entry): "
+            "pass the teacher's own folder, or the student folder `blossom distill` wrote"
+        )
+
+
 def physical_cores() -> int:
     import psutil
 
@@ -95,6 +110,7 @@ class TorchBackend:
         c = self.unet_model.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
         self.distilled = self.info.get("distilled")
+        check_scheduler(folder, self.distilled, self.scheduler_config)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(prompts)
@@ -180,6 +196,7 @@ class OnnxBackend:
             self.sessions[key] = ort_session(path, threads=threads, spin=key == "unet")
         self._empty_text: torch.Tensor | None = None
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        check_scheduler(folder, self.distilled, self.scheduler_config)
         c = json.loads((folder / "unet" / "config.json").read_text())
         self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
 

@@ -756,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     args.verbose = args.verbose or getattr(args, "sub_verbose", False)
     from blossom.logs import setup
 
-    setup(args.verbose)
+    launch = launch_env()
+    setup(args.verbose, launch.rank, launch.world_size)
     try:
         cfg = load_config(args.params, args.preset, args.set)
         from blossom.models import set_threads

@@ -44,9 +44,13 @@ class _DropKnown(logging.Filter):
         return record.levelno >= logging.ERROR or not any(w in record.getMessage() for w in self.words)
 
 
-def setup(verbose: bool = False) -> None:
-    """blossom's log format and level; known third-party noise silenced unless verbose."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def setup(verbose: bool = False, rank: int = 0, world: int = 1) -> None:
+    """blossom's log format and level (each line tagged with its rank when several processes
+    write to one terminal); known third-party noise silenced unless verbose."""
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format=f"%(levelname)s {tag}%(name)s: %(message)s"
+    )
     if verbose:
         return
     for name, level in QUIET.items():
