@@ -208,6 +208,14 @@ def test_distill_stage_registers_fast_and_every_path_serves_it(micro_exported, m
     drawn = model.predict(pd.DataFrame({"prompt": ["a red flower"]}))
     assert len(drawn["image"]) == 1
 
+    # Folder data: registered, but with no adherence to hold a bar, never aliased `fast`.
+    folder_data = ["--set", "data.source=folder", "--set", f"data.path={tmp_path}"]
+    assert cli.main([*args, *folder_data, "distill"]) == 0
+    assert [p.name for p in (out / "distill" / "eval").iterdir()] == ["SKIPPED.txt"]
+    assert client.get_model_version_by_alias("blossom", "fast").version == fast.version
+    assert len(client.search_model_versions("name='blossom'")) == 3
+    assert cli.main([*args, "distill"]) == 0  # back to procedural data for what follows
+
     assert cli.main([*args, "export"]) == 0
     assert (
         json.loads((out / "export" / "fast" / "blossom.json").read_text())["distilled"]["teacher_run"] == champ.run_id

@@ -312,16 +312,20 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
             f"distill: {cfg.distill.default_steps}-step student {said} (bar: within {FAST_BAR:.2f}): "
             + ("holds" if holds else "does not hold")
         )
-        if not args.no_register:
-            from blossom.tracking import log_student
+    else:
+        from blossom.fsutil import atomic_dir
 
-            champion = (
-                json.loads((teacher / "champion.json").read_text()) if (teacher / "champion.json").exists() else {}
-            )
-            logged = log_student(cfg, paths.distill, metrics, holds, champion.get("run_id"))
-            print(
-                f"distill: MLflow version {logged['version']}" + (" is now `fast`" if holds else " (not aliased fast)")
-            )
+        metrics, holds = None, False
+        why = "adherence is scored on procedural flowers only, so a student of folder data gets no `fast` alias"
+        with atomic_dir(paths.distill / "eval") as tmp:
+            (tmp / SKIPPED).write_text(why + "\n")
+        print(f"distill: {why}")
+    if not args.no_register:
+        from blossom.tracking import log_student
+
+        champion = json.loads((teacher / "champion.json").read_text()) if (teacher / "champion.json").exists() else {}
+        logged = log_student(cfg, paths.distill, metrics, holds, champion.get("run_id"))
+        print(f"distill: MLflow version {logged['version']}" + (" is now `fast`" if holds else " (not aliased fast)"))
     report.write_metrics(paths.root, "distill", summary)
     print(f"distill: student -> {paths.distill / 'model'}")
     return result

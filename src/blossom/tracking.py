@@ -203,7 +203,7 @@ def promote(cfg: Config, candidate: dict, out_dir: Path) -> dict:
     return {"promoted": improved, **identity}
 
 
-def log_student(cfg: Config, distill_dir: Path, metrics: dict, holds: bool, teacher_run: str | None) -> dict:
+def log_student(cfg: Config, distill_dir: Path, metrics: dict | None, holds: bool, teacher_run: str | None) -> dict:
     """The distillation as its own MLflow run (tagged with the teacher's run id), the student as a
     version of the registered model; the `fast` alias moves to it only when it holds its bar."""
     import mlflow
@@ -219,9 +219,10 @@ def log_student(cfg: Config, distill_dir: Path, metrics: dict, holds: bool, teac
             mlflow.log_params(params)
             for step, loss in info["loss_history"]:
                 mlflow.log_metric("distill_loss", loss, step=step)
-            mlflow.log_metrics(
-                numeric({"steps": {n: m["adherence"]["all"]["all"] for n, m in metrics["steps"].items()}})
-            )
+            if metrics:  # procedural data: adherence at each step count
+                mlflow.log_metrics(
+                    numeric({"steps": {n: m["adherence"]["all"]["all"] for n, m in metrics["steps"].items()}})
+                )
             mlflow.log_metric("holds_bar", float(holds))
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp) / "blossom"
