@@ -182,6 +182,9 @@ def test_distill_stage_registers_fast_and_every_path_serves_it(micro_exported, m
         (out / name).symlink_to(getattr(paths, name))
     shutil.copytree(teacher.parent, out / "train", ignore=shutil.ignore_patterns("checkpoints"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # mlflow.set_tracking_uri also sets this variable; monkeypatch removes it again after the test,
+    # so later tests' subprocesses do not inherit this store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     args = [
         *micro_args(out),
         "--set",
