@@ -172,6 +172,12 @@ def evaluate(
 
         m, files = real_image_metrics(cfg, backend, generate_all, data_dir or Path(cfg.outputs) / "data")
         metrics.update(m)
+    write_results(out_dir, metrics, files)
+    return metrics
+
+
+def write_results(out_dir: Path, metrics: dict, files: dict) -> None:
+    """metrics.json and the images and texts beside it, as one folder swapped in whole."""
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
         for name, content in files.items():
@@ -179,7 +185,6 @@ def evaluate(
                 Image.fromarray(content).save(tmp / name)
             else:
                 (tmp / name).write_text(content)
-    return metrics
 
 
 def format_table(metrics: dict) -> str:
@@ -209,11 +214,5 @@ def evaluate_fast(cfg: Config, backend, classifier_dir: Path, out_dir: Path, ste
         if n == backend.distilled["default_steps"]:
             files = f
     metrics = {"guidance": cfg.sample.guidance, "steps": by_steps}
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        for name, content in files.items():
-            if isinstance(content, np.ndarray):
-                Image.fromarray(content).save(tmp / name)
-            else:
-                (tmp / name).write_text(content)
+    write_results(out_dir, metrics, files)
     return metrics
