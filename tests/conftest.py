@@ -81,6 +81,7 @@ def micro_prepared(tmp_path_factory):
         load_vae(paths.vae),
         load_text_encoder(cfg.text),
         cfg.data.image_size,
+        cfg.text.encoder,
         flip=cfg.data.random_flip,
     )
     return cfg, paths

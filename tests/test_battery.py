@@ -153,6 +153,23 @@ def no_outputs(*args: str):
 FOLDER = ["--set", "data.source=folder", "--set", "data.path=u"]  # evaluate reads outputs/data whatever the source
 
 
+def cache_damaged(damage):
+    """`blossom train` on the made cache after `damage(cache folder)`."""
+
+    def setup(root: Path) -> list[str]:
+        damage(root / "outputs" / "cache")
+        return ["train"]
+
+    return setup
+
+
+def swap_bytes(path: Path, old: bytes, new: bytes) -> None:
+    """The same bytes with one run replaced by another of equal length (sizes still match the index)."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    rewrite(path, data.replace(old, new, 1))
+
+
 def classifier_of(root: Path, **info) -> list[str]:
     """A classifier folder whose saved description differs from what the model needs."""
     from blossom.classifier import FORMAT, HEADS
@@ -318,6 +335,25 @@ CASES = [
     # stages run out of order
     ("cache without a VAE", no_outputs("cache"), 2, "run `blossom train-vae`"),
     ("train without cache", no_outputs("train"), 2, "blossom cache"),
+    (
+        "train on an old-format cache",
+        cache_damaged(lambda c: rewrite(c / "index.json", b'{"splits": {}}')),
+        2,
+        "format 1",
+    ),
+    (
+        "train on a truncated cache shard",
+        cache_damaged(lambda c: truncate(c / "train-00000.safetensors")),
+        2,
+        "truncated",
+    ),
+    ("train on a missing text shard", cache_damaged(lambda c: (c / "text-00000.safetensors").unlink()), 2, "missing"),
+    (
+        "train on a shard of another encoder",
+        cache_damaged(lambda c: swap_bytes(c / "val-00000.safetensors", b'"max_tokens":"16"', b'"max_tokens":"77"')),
+        2,
+        "max_tokens=77",
+    ),
     ("resume without checkpoints", no_outputs("train", "--resume", "latest"), 2, "no checkpoint in"),
     (
         "resume from a missing folder",
@@ -490,6 +526,8 @@ def made(micro_exported, micro_prepared, tmp_path_factory):
     _, paths = micro_prepared
     base = tmp_path_factory.mktemp("made")
     shutil.copytree(paths.data, base / "outputs" / "data")
+    for name in ("vae", "cache"):
+        shutil.copytree(getattr(paths, name), base / "outputs" / name)
     shutil.copytree(model, base / "outputs" / "train" / "model")
     shutil.copytree(export, base / "outputs" / "export")
     return base
@@ -601,7 +639,6 @@ def test_kill_9_at_random_points_then_a_plain_rerun_recovers(stage, made, micro_
     _, paths = micro_prepared
     root = tmp_path / "project"
     shutil.copytree(made, root)
-    shutil.copytree(paths.vae, root / "outputs" / "vae")
     cmd = [
         sys.executable,
         "-m",

@@ -284,9 +284,32 @@ def test_two_processes_distil_like_one(micro_exported, micro_prepared, tmp_path)
     student = {
         p: load_file(r / "distill" / "checkpoints" / "step-000004" / "model.safetensors") for p, r in roots.items()
     }
-    # 1e-4, not training's 1e-5: the pseudo-Huber gradient (c = 0.001) and Adam's normalisation
-    # lift float-order differences most in small gradients (measured: 3e-5, in cond_proj and a conv)
-    assert relative_difference(student[1], student[2], skip=GRADIENT_FREE) < 1e-4
+    # Over the whole weight vector: four steps of lr 1e-4 leave some biases near zero, where Adam's
+    # normalisation lifts float-order differences of near-zero gradients to a large share of a tiny
+    # norm (measured per tensor: up to 4e-4, in a norm bias of norm 0.015; whole vector: 9e-7).
+    a, b = student[1], student[2]
+    keys = [k for k in a if not k.endswith(GRADIENT_FREE)]
+    whole = (sum((a[k] - b[k]).norm() ** 2 for k in keys) / sum(a[k].norm() ** 2 for k in keys)).sqrt()
+    assert whole < 1e-5
     info = {p: json.loads((r / "distill" / "model" / "train.json").read_text())["distill"] for p, r in roots.items()}
     assert info[2]["processes"] == 2
     assert [h[1] for h in info[2]["loss_history"]] == pytest.approx([h[1] for h in info[1]["loss_history"]], rel=1e-4)
+
+
+def test_two_processes_build_the_cache_one_process_builds(micro_prepared, tmp_path):
+    from blossom.data.cache import cache_index, load_cache
+
+    _, paths = micro_prepared
+    root = tmp_path / "out"
+    root.mkdir()
+    for name in ("data", "vae"):
+        shutil.copytree(getattr(paths, name), root / name)
+    res = subprocess.run(train_cmd(root, procs=2) + ["cache"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = cache_index(paths.cache), cache_index(root / "cache")
+    assert two["splits"] == one["splits"] and two["text"] == one["text"]
+    for split in ("train", "val"):
+        a, b = load_cache(paths.cache, split), load_cache(root / "cache", split)
+        # Each rank encoded its own shards with its own threads: equal up to float summation order.
+        assert all(torch.allclose(a[k], b[k], atol=1e-3, rtol=2e-3) for k in a)
+    assert not list(root.glob(".cache.build-*"))

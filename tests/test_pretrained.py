@@ -85,7 +85,7 @@ def test_the_flow_runs_on_a_pretrained_vae_and_clip_from_local_folders(tiny_part
     x = first.permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         expected = load_vae(vae_dir).encode(x).latent_dist.mode() * SCALING
-    assert torch.allclose(cache["latents"][:1], expected, atol=1e-4)
+    assert torch.allclose(cache["latents"][:1], expected.half().float(), atol=1e-4, rtol=1e-3)  # stored fp16
     model = paths.train / "model"
     unet_config = json.loads((model / "unet" / "config.json").read_text())
     assert unet_config["cross_attention_dim"] == CLIP_WIDTH

@@ -98,7 +98,8 @@ def test_random_flip_trains_on_cached_mirror_latents(micro_prepared, tmp_path):
     vae = load_vae(paths.vae)
     with torch.no_grad():
         mirrored = vae.encode(image.flip(-1)).latent_dist.mode() * vae.config.scaling_factor
-    assert torch.allclose(cache["latents_flipped"][:1], mirrored, atol=1e-5)
+    # Stored in fp16: the cache holds the fresh encoding rounded once (docs/cache.md).
+    assert torch.allclose(cache["latents_flipped"][:1], mirrored.half().float(), atol=1e-5, rtol=1e-3)
     assert "latents_flipped" not in load_cache(paths.cache, "val")  # validation is never flipped
     # With flips off, the same seed trains on other inputs (and nothing else about the draws changes).
     plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, random_flip=False))

@@ -110,20 +110,22 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
 def cmd_cache(cfg: Config, paths: Paths, args) -> None:
     from blossom.data.cache import build_cache
     from blossom.models import check_cross_attention, load_text_encoder, load_vae
+    from blossom.train import distributed
 
     encoder = load_text_encoder(cfg.text)
     check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
+    vae = load_vae(vae_dir(cfg, paths))
+    rt = distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
     info = build_cache(
-        paths.data,
-        paths.cache,
-        load_vae(vae_dir(cfg, paths)),
-        encoder,
-        cfg.data.image_size,
-        cfg.text.encoder,
-        flip=cfg.data.random_flip,
+        paths.data, paths.cache, vae, encoder, cfg.data.image_size, cfg.text.encoder, cfg.data.random_flip, rt
     )
-    save_config(cfg, paths.cache / "config.yaml")
-    print(f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])} -> {paths.cache}")
+    if rt.main:
+        save_config(cfg, paths.cache / "config.yaml")
+        print(
+            f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])}, "
+            f"{info['bytes_per_sample'] / 1024:.1f} KiB per sample -> {paths.cache}"
+        )
+    rt.stop()
 
 
 def cmd_train(cfg: Config, paths: Paths, args) -> dict:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blossom.config import Config, LaunchEnv, save_config
-from blossom.data.cache import cache_index, check_cache, load_cache
+from blossom.data.cache import CacheSplit, cache_index, check_cache
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
+from blossom.memory import check_room, step_floor
 from blossom.models import build_unet, check_cross_attention, n_params, noise_scheduler
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
@@ -56,23 +57,24 @@ def as_epsilon(sched, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def validation_loss(unet, sched, val: dict[str, torch.Tensor], rt: Runtime | None = None, batch: int = 128) -> float:
+def validation_loss(unet, sched, val: CacheSplit, rt: Runtime | None = None, batch: int = 128) -> float:
     """Noise-prediction MSE on the val split with fixed noise and evenly spread timesteps.
 
     Under several processes each rank scores its share and the sums are all-reduced.
     """
     rt = rt or Runtime()
     gen = torch.Generator().manual_seed(VAL_SEED)
-    n = len(val["latents"])
-    noise = torch.randn(val["latents"].shape, generator=gen)
+    n = len(val)
+    noise = torch.randn((n, *val.latent_shape), generator=gen)
     t = torch.linspace(0, sched.config.num_train_timesteps - 1, n).round().long()
     mine = range(n)[rt.share(n)]
     total = 0.0
     for i in range(mine.start, mine.stop, batch):
         j = min(i + batch, mine.stop)
-        x0, eps, tt = (v[i:j].to(rt.device) for v in (val["latents"], noise, t))
+        x0, cond = val.batch(torch.arange(i, j))
+        x0, cond, eps, tt = x0.to(rt.device), cond.to(rt.device), noise[i:j].to(rt.device), t[i:j].to(rt.device)
         xt = sched.add_noise(x0, eps, tt)
-        pred = unet(xt, tt, encoder_hidden_states=val["text"][i:j].to(rt.device)).sample
+        pred = unet(xt, tt, encoder_hidden_states=cond).sample
         total += F.mse_loss(as_epsilon(sched, pred, xt, tt), eps, reduction="sum").item()
     return rt.sum(torch.tensor([total], dtype=torch.float64)).item() / noise.numel()
 
@@ -161,13 +163,12 @@ def train_diffusion(
     rt.barrier()
     check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
     torch.manual_seed(c.seed)
-    data, val = load_cache(cache_dir, "train"), load_cache(cache_dir, "val")
-    latents, text, null_text = data["latents"], data["text"], data["null_text"]
-    flipped = data.get("latents_flipped") if cfg.data.random_flip else None
-    val_data = {"latents": val["latents"], "text": val["text"]}
+    index = cache_index(cache_dir)
+    data, val_data = CacheSplit(cache_dir, "train", index), CacheSplit(cache_dir, "val", index)
+    null_text = data.null_text
 
-    cross_attention_dim = check_cross_attention(cfg, text.shape[-1])
-    unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=tuple(latents.shape[1:])).to(rt.device)
+    cross_attention_dim = check_cross_attention(cfg, index["text_dim"])
+    unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=data.latent_shape).to(rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
@@ -191,11 +192,15 @@ def train_diffusion(
         log.info(
             "UNet: %.2fM parameters; %d training latents %s; %d process(es)%s",
             n_params(unet) / 1e6,
-            len(latents),
-            tuple(latents.shape[1:]),
+            len(data),
+            data.latent_shape,
             rt.world,
             f", DeepSpeed {c.deepspeed}" if c.deepspeed else "",
         )
+    need = step_floor(
+        n_params(unet), c.batch_size // rt.world, data.latent_shape, (index["max_tokens"], index["text_dim"])
+    )
+    check_room(need, "one training step", "lower train.batch_size (or raise the memory limit)")
     bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
     t0 = time.time()
     unet.train()
@@ -204,16 +209,14 @@ def train_diffusion(
     mine = rt.share(c.batch_size)
     for step in bar:
         # Every rank draws the whole global batch from the same generator and trains on its slice.
-        idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
+        idx = torch.randint(len(data), (c.batch_size,), generator=gen)
         # Per-sample caption dropout teaches the unconditional model that guidance needs.
         drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
-        noise = torch.randn((c.batch_size, *latents.shape[1:]), generator=gen)
+        noise = torch.randn((c.batch_size, *data.latent_shape), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
         flip = torch.rand(c.batch_size, generator=flip_gen) < 0.5
         idx, drop, noise, t, flip = idx[mine], drop[mine], noise[mine], t[mine], flip[mine]
-        x0, cond = latents[idx], text[idx]
-        if flipped is not None:
-            x0 = torch.where(flip.view(-1, 1, 1, 1), flipped[idx], x0)
+        x0, cond = data.batch(idx, flip if cfg.data.random_flip else None)  # only this rank's rows are read
         cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
         xt = sched.add_noise(x0, noise, t)
         target, weights = target_for(sched, x0, noise, t), snr_weights(sched, t, c.min_snr_gamma)

@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from blossom.config import Config, LaunchEnv, save_config
-from blossom.data.cache import cache_index, check_cache, load_cache
+from blossom.data.cache import CacheSplit, cache_index, check_cache
 from blossom.errors import BlossomError, ModelError
 from blossom.fsutil import atomic_dir, write_json, write_text
+from blossom.memory import check_room, step_floor
 from blossom.models import n_params
 from blossom.sampling import FAST_SAMPLER, guidance_embedding
 from blossom.train import checkpoint as ckpt
@@ -127,9 +128,8 @@ def distill(
     rt.barrier()
 
     torch.manual_seed(d.seed)
-    data = load_cache(cache_dir, "train")
-    latents, text, null_text = data["latents"], data["text"], data["null_text"]
-    flipped = data.get("latents_flipped") if cfg.data.random_flip else None
+    data = CacheSplit(cache_dir, "train")
+    null_text = data.null_text
     student = student_from(teacher, d.guidance_embedding_dim).to(rt.device)
     teacher.to(rt.device)
     target = copy.deepcopy(student).requires_grad_(False).eval()
@@ -163,22 +163,27 @@ def distill(
             d.guidance_max,
             d.solver_steps,
         )
+    index = data.index
+    text_shape = (index["max_tokens"], index["text_dim"])
+    # the student's training state, plus the teacher's and the target's weights
+    need = step_floor(n_params(student), d.batch_size // rt.world, data.latent_shape, text_shape) + 8 * n_params(
+        student
+    )
+    check_room(need, "one distillation step", "lower distill.batch_size (or raise the memory limit)")
     mine = rt.share(d.batch_size)
     running, t0 = [], time.time()
     student.train()
     bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc="distill", unit="step", disable=not rt.main)
     for step in bar:
         b = d.batch_size
-        idx = torch.randint(len(latents), (b,), generator=gen)
-        noise = torch.randn((b, *latents.shape[1:]), generator=gen)
+        idx = torch.randint(len(data), (b,), generator=gen)
+        noise = torch.randn((b, *data.latent_shape), generator=gen)
         t = (torch.randint(0, d.solver_steps, (b,), generator=gen) + 1) * k - 1
         w = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(b, generator=gen)
         flip = torch.rand(b, generator=flip_gen) < 0.5
         idx, noise, t, w, flip = idx[mine], noise[mine], t[mine], w[mine], flip[mine]
-        x0 = latents[idx]
-        if flipped is not None:
-            x0 = torch.where(flip.view(-1, 1, 1, 1), flipped[idx], x0)
-        cond = text[idx].to(rt.device)
+        x0, cond = data.batch(idx, flip if cfg.data.random_flip else None)
+        cond = cond.to(rt.device)
         s = (t - k).clamp(min=0)
         xt = sched.add_noise(x0, noise, t)
         xt, t, s, w = (v.to(rt.device) for v in (xt, t, s, w))

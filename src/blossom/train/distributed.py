@@ -60,15 +60,20 @@ class Runtime:
 
 
 def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
-    if launch.world_size == 1:
-        return Runtime(0, 1, device, launch.launched)
-    if c.batch_size % launch.world_size:
+    if launch.world_size > 1 and c.batch_size % launch.world_size:
         raise ConfigError(
             f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
             f"make it a multiple of {launch.world_size}"
         )
+    return connect(launch)
+
+
+def connect(launch: LaunchEnv) -> Runtime:
+    """This process's place in the launch, with the process group up when there are several."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
+    if launch.world_size == 1:
+        return Runtime(0, 1, device, launch.launched)
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
