@@ -38,19 +38,24 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2
 SHARD_BYTES = 64 << 20  # MosaicML streaming's default shard size: big enough to read fast, small enough to spread
+SHARD_ROWS = 2048  # and few enough rows that a small data set still spreads over the processes that build it
 SPLITS = ("train", "val")
 FIX = "rerun `blossom cache` to rebuild the cache"
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scaled latents (the posterior mean, times the VAE's scaling factor)."""
+def encode_images(vae, images: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Scaled latents (the posterior mean, times the VAE's scaling factor).
+
+    Small batches by default: on a CPU the encoder's activations then stay in cache (32 images of
+    64 px encode 2-3x faster than 256 at once, measured); the same pixel budget at larger sizes."""
+    batch = batch or max(1, 32 * 64 * 64 // (images.shape[-1] * images.shape[-2]))
     out = [vae.encode(images[i : i + batch]).latent_dist.mode() for i in range(0, len(images), batch)]
     return torch.cat(out) * vae.config.scaling_factor
 
 
 @torch.no_grad()
-def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256) -> torch.Tensor:
+def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 64) -> torch.Tensor:
     return torch.cat([encoder(captions[i : i + batch]) for i in range(0, len(captions), batch)])
 
 
@@ -73,7 +78,9 @@ def build_key(
     data_dir: Path, vae, encoder_name: str, max_tokens: int, image_size: int, flip: bool, shard_bytes: int
 ) -> str:
     """What the cache's bytes depend on: a build killed part-way continues only with the same key."""
-    h = hashlib.sha256(json.dumps([FORMAT, encoder_name, max_tokens, image_size, flip, shard_bytes]).encode())
+    h = hashlib.sha256(
+        json.dumps([FORMAT, encoder_name, max_tokens, image_size, flip, shard_bytes, SHARD_ROWS]).encode()
+    )
     for split in SPLITS:
         meta = data_dir / split / "metadata.jsonl"
         h.update(meta.read_bytes() if meta.exists() else b"")
@@ -118,10 +125,11 @@ def build_cache(
     latent_shape = (vae.config.latent_channels, image_size // down, image_size // down)
     latent_bytes = int(np.prod(latent_shape)) * 2
     rows = {
-        "text": max(1, shard_bytes // (encoder.max_tokens * encoder.dim * 2)),
-        "train": max(1, shard_bytes // (latent_bytes * (2 if flip else 1) + 4)),
-        "val": max(1, shard_bytes // (latent_bytes + 4)),
+        "text": shard_bytes // (encoder.max_tokens * encoder.dim * 2),
+        "train": shard_bytes // (latent_bytes * (2 if flip else 1) + 4),
+        "val": shard_bytes // (latent_bytes + 4),
     }
+    rows = {k: min(max(1, v), SHARD_ROWS) for k, v in rows.items()}
     meta = {
         "format": str(FORMAT),
         "text_encoder": encoder_name,
