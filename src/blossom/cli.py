@@ -107,7 +107,9 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
     print(f"train-vae: {stats['params'] / 1e6:.2f}M parameters, val PSNR {stats['val_psnr_db']} dB -> {paths.vae}")
 
 
-def cmd_cache(cfg: Config, paths: Paths, args) -> None:
+def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
+    """rt: the distributed runtime to build with; by default this launch's (every process of a
+    torchrun launch takes part). A caller that builds in one process of many passes Runtime()."""
     from blossom.data.cache import build_cache
     from blossom.models import check_cross_attention, load_text_encoder, load_vae
     from blossom.train import distributed
@@ -115,7 +117,7 @@ def cmd_cache(cfg: Config, paths: Paths, args) -> None:
     encoder = load_text_encoder(cfg.text)
     check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
     vae = load_vae(vae_dir(cfg, paths))
-    rt = distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
+    rt = rt or distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
     info = build_cache(
         paths.data, paths.cache, vae, encoder, cfg.data.image_size, cfg.text.encoder, cfg.data.random_flip, rt
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from blossom import cli
     from blossom.config import launch_env, load_config, sagemaker_model_dir
+    from blossom.train.distributed import Runtime
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default=None)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.cmd_data(cfg, paths, stage)
         if not cfg.vae.pretrained:
             cli.cmd_train_vae(cfg, paths, stage)
-        cli.cmd_cache(cfg, paths, stage)
+        cli.cmd_cache(cfg, paths, stage, Runtime())  # this process alone: the others wait below
     while not ready.exists():
         time.sleep(5)
     cmd = ["--params", str(params), *(["--preset", args.preset] if args.preset else [])]

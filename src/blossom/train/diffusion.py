@@ -150,6 +150,8 @@ def train_diffusion(
     rt = distributed.start(launch, c)
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"
+    if resume not in (None, "auto"):
+        ckpt.resolve(ckpt_dir, resume)  # a checkpoint asked for that is not there: said before the data
     data, val_data = open_splits(cfg, cache_dir)
     index = data.index
     run_id = fingerprint(cfg, index)

@@ -1,0 +1,149 @@
+"""The prepared GPU check: blossom's training loop on CUDA, fed by the memory-mapped cache.
+
+For each precision (fp32, bf16, fp16 with its gradient scaler) it trains the preset's UNet on a
+synthetic cache of the preset's shapes (random latents and 77 x 768 text states, as the original's
+CLIP ViT-L/14 gives) and reports images/s; then it checks that an fp16 run resumed from a
+mid-run checkpoint ends bit-equal to the uninterrupted run (the scaler's state is checkpointed),
+and lists ONNX Runtime's execution providers. Also runs on CPU (`--device cpu`, tiny shapes) so
+the script itself is tested where no GPU is.
+
+    python benchmarks/gpu_check.py --preset peer256 --steps 30 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def synthetic_cache(folder: Path, n: int, latent: tuple, text: tuple, encoder: str) -> None:
+    from blossom.data.cache import SHARD_ROWS, write_index
+    from blossom.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    meta = {"format": "2", "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
+    folder.mkdir(parents=True)
+    names = {"text": [], "train": [], "val": []}
+    captions = n + 65
+    for k, i in enumerate(range(0, captions, SHARD_ROWS)):
+        rows = min(SHARD_ROWS, captions - i)
+        names["text"].append(f"text-{k:05d}.safetensors")
+        states = rng.standard_normal((rows, *text), np.float32).astype(np.float16)
+        write_shard(folder / names["text"][-1], {"text": states}, {**meta, "split": "text"})
+    for split, count, first in (("train", n, 1), ("val", 64, 1 + n)):
+        for k, i in enumerate(range(0, count, SHARD_ROWS)):
+            rows = min(SHARD_ROWS, count - i)
+            lat = rng.standard_normal((rows, *latent), np.float32).astype(np.float16)
+            tensors = {"latents": lat, "caption": np.arange(first + i, first + i + rows, dtype=np.int32)}
+            if split == "train":
+                tensors["latents_flipped"] = np.ascontiguousarray(lat[..., ::-1])
+            names[split].append(f"{split}-{k:05d}.safetensors")
+            write_shard(folder / names[split][-1], tensors, {**meta, "split": split})
+    write_index(folder, names, encoder, text[0], text[1], latent, True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="peer256")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=0, help="0: the preset's")
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from blossom.config import load_config
+    from blossom.models import build_vae
+    from blossom.train.diffusion import train_diffusion
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    report: dict = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "preset": args.preset,
+    }
+    print(json.dumps(report), flush=True)
+    cfg = load_config(ROOT / "params.yaml", args.preset)
+    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)]))
+    text = (77, 768) if cuda else (8, 32)
+    batch = args.batch or cfg.train.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_cache(tmp / "cache", args.samples, latent, text, cfg.text.encoder)
+        build_vae(cfg.vae).save_pretrained(tmp / "vae")
+        train = dataclasses.replace(
+            cfg.train,
+            steps=args.steps,
+            batch_size=batch,
+            warmup_steps=1,
+            val_every=args.steps,
+            checkpoint_every=max(1, args.steps // 2),
+            log_every=max(1, args.steps // 3),
+        )
+        base = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_tokens=text[0]), train=train)
+        runs = {}
+        for precision in ("no", "bf16", "fp16"):
+            run_cfg = dataclasses.replace(base, train=dataclasses.replace(train, mixed_precision=precision))
+            out = tmp / f"run-{precision}"
+            start = time.perf_counter()
+            result = train_diffusion(run_cfg, tmp / "cache", tmp / "vae", out)
+            wall = time.perf_counter() - start
+            stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+            runs[precision] = {
+                "images_per_s": stats[-1]["images_per_s"],
+                "wall_s": round(wall, 1),
+                "final_loss": stats[-1]["loss"],
+                "val_loss": result["val_loss"],
+                "unet_params_M": round(result["unet_params"] / 1e6, 1),
+                "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+            }
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            print(precision, json.dumps(runs[precision]), flush=True)
+        report["train"] = runs
+
+        # fp16 resume: the run above checkpointed half-way; continue from there and compare.
+        from safetensors.torch import load_file
+
+        full = tmp / "run-fp16"
+        half = tmp / "resumed"
+        shutil.copytree(full, half)
+        ckpts = sorted((half / "checkpoints").glob("step-*"))
+        shutil.rmtree(ckpts[-1])
+        (half / "checkpoints" / "latest").write_text(ckpts[-2].name + "\n")
+        fp16 = dataclasses.replace(base, train=dataclasses.replace(train, mixed_precision="fp16"))
+        train_diffusion(fp16, tmp / "cache", tmp / "vae", half, resume="latest")
+        last = ckpts[-1].name
+        a = load_file(half / "checkpoints" / last / "model.safetensors")
+        b = load_file(full / "checkpoints" / last / "model.safetensors")
+        report["fp16_resume_bit_equal"] = all(torch.equal(a[k], b[k]) for k in b)
+        print("fp16 resume bit-equal:", report["fp16_resume_bit_equal"], flush=True)
+
+    try:
+        import onnxruntime as ort
+
+        report["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    except ImportError:
+        report["onnxruntime"] = None
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
