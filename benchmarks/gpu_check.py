@@ -54,6 +54,47 @@ def synthetic_cache(folder: Path, n: int, latent: tuple, text: tuple, encoder: s
     write_index(folder, names, encoder, text[0], text[1], latent, True)
 
 
+def steady_steps(cfg, cache: Path, batch: int, cuda: bool, warm: int = 3, timed: int = 10) -> dict:
+    """The UNet's forward + backward + AdamW step alone, synchronised, after warm-up: what the
+    arithmetic costs, to set beside the whole loop's images/s (data, EMA, logging, checkpoints)."""
+    import torch.nn.functional as F
+
+    from blossom.data.cache import CacheSplit
+    from blossom.models import build_unet
+
+    data = CacheSplit(cache, "train")
+    device = torch.device("cuda" if cuda else "cpu")
+    x0, text = (v.to(device) for v in data.batch(torch.arange(batch) % len(data)))
+    out = {}
+    for precision, dtype in (("no", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        unet = build_unet(cfg, data.index["text_dim"], data.latent_shape).to(device)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        t = torch.randint(0, 1000, (batch,), device=device)
+
+        for i in range(warm + timed):
+            if i == warm:  # the clock starts once the warm-up steps have finished on the device
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.mse_loss(unet(x0, t, encoder_hidden_states=text).sample.float(), x0)
+            opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) / timed * 1000
+        out[precision] = {"ms_per_step": round(ms, 1), "images_per_s": round(batch * 1000 / ms, 1)}
+        print("steady", precision, json.dumps(out[precision]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="peer256")
@@ -132,6 +173,8 @@ def main() -> None:
         b = load_file(full / "checkpoints" / last / "model.safetensors")
         report["fp16_resume_bit_equal"] = all(torch.equal(a[k], b[k]) for k in b)
         print("fp16 resume bit-equal:", report["fp16_resume_bit_equal"], flush=True)
+
+        report["steady"] = steady_steps(base, tmp / "cache", batch, cuda)
 
     try:
         import onnxruntime as ort

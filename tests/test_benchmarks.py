@@ -32,3 +32,6 @@ def test_the_prepared_gpu_check_runs_on_cpu_and_finds_fp16_resume_exact(tmp_path
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(report["train"]) == {"no", "bf16", "fp16"} and report["fp16_resume_bit_equal"] is True
     assert all(r["images_per_s"] > 0 and r["val_loss"] > 0 for r in report["train"].values())
+    assert set(report["steady"]) == {"no", "bf16", "fp16"} and all(
+        r["ms_per_step"] > 0 for r in report["steady"].values()
+    )
