@@ -4,7 +4,7 @@ line, and under torchrun only a signal number)."""
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 
 from blossom.errors import ConfigError
@@ -21,27 +21,25 @@ def cgroup_limit() -> int | None:
     for line in lines:
         number, controllers, path = line.split(":", 2)
         if number == "0" and controllers == "":
-            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
+            limit_file = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
         elif "memory" in controllers.split(","):
-            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
+            limit_file = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
         else:
             continue
-        for f in files:
-            try:
-                value = f.read_text().strip()
-            except OSError:
-                continue
-            if value.isdigit() and int(value) < UNLIMITED:
-                return int(value)
+        try:
+            value = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < UNLIMITED:
+            return int(value)
     return None
 
 
 def rss() -> int:
     """Resident bytes of this process now."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def check_room(need: int, what: str, fix: str, limit: int | None = None) -> None:
@@ -63,7 +61,4 @@ def step_floor(n_params: int, rows: int, latent_shape: tuple[int, ...], text_sha
     """Bytes one optimiser step surely holds at once: fp32 weights, gradients, two Adam moments and
     the EMA copy, plus the batch's latents, noise, noisy latents and target and its text states.
     Activations come on top; this is the floor, not the estimate."""
-    latent = 1
-    for d in latent_shape:
-        latent *= d
-    return 4 * (5 * n_params + rows * (4 * latent + text_shape[0] * text_shape[1]))
+    return 4 * (5 * n_params + rows * (4 * math.prod(latent_shape) + text_shape[0] * text_shape[1]))

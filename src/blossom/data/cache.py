@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from blossom.data.folder import Record, load_images, read_metadata
-from blossom.data.shards import map_shard, read_header, write_shard
+from blossom.data.shards import FIX, map_shard, read_header, write_shard
 from blossom.errors import DataError
 from blossom.fsutil import remove_stale_temps, swap_in, write_json
 from blossom.images import to_tensor
@@ -40,7 +40,6 @@ FORMAT = 2
 SHARD_BYTES = 64 << 20  # MosaicML streaming's default shard size: big enough to read fast, small enough to spread
 SHARD_ROWS = 2048  # and few enough rows that a small data set still spreads over the processes that build it
 SPLITS = ("train", "val")
-FIX = "rerun `blossom cache` to rebuild the cache"
 
 
 @torch.no_grad()

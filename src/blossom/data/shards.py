@@ -22,6 +22,7 @@ from blossom.fsutil import atomic_path
 
 DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
 MAX_HEADER = 1 << 20  # a shard's header lists a handful of tensors; more is a damaged file
+FIX = "rerun `blossom cache` to rebuild the cache"
 
 
 def write_shard(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> int:
@@ -33,18 +34,17 @@ def write_shard(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(header, data offset); a missing, truncated or foreign file is a one-line DataError."""
-    fix = "rerun `blossom cache` to rebuild the cache"
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 0 < n <= MAX_HEADER:
-                raise DataError(f"cache shard {path} is not a safetensors file: {fix}")
+                raise DataError(f"cache shard {path} is not a safetensors file: {FIX}")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise DataError(f"cache shard {path} is missing: {fix}") from None
+        raise DataError(f"cache shard {path} is missing: {FIX}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DataError(f"cache shard {path} has a damaged header: {fix}") from None
+        raise DataError(f"cache shard {path} has a damaged header: {FIX}") from None
     return header, 8 + n
 
 
@@ -55,15 +55,14 @@ def map_shard(path: Path, size: int | None = None) -> tuple[dict[str, np.ndarray
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise DataError(
-            f"cache shard {path} holds {actual} bytes, the index says {size} (truncated or replaced): "
-            "rerun `blossom cache` to rebuild the cache"
+            f"cache shard {path} holds {actual} bytes, the index says {size} (truncated or replaced): {FIX}"
         )
     meta = header.pop("__metadata__", None) or {}
     arrays = {}
     for name, spec in header.items():
         start, end = spec["data_offsets"]
         if spec["dtype"] not in DTYPES or offset + end > actual:
-            raise DataError(f"cache shard {path} is damaged ({name}): rerun `blossom cache` to rebuild the cache")
+            raise DataError(f"cache shard {path} is damaged ({name}): {FIX}")
         shape = tuple(spec["shape"])
         if end == start:
             arrays[name] = np.zeros(shape, DTYPES[spec["dtype"]])
