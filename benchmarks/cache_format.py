@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cache_throughput import train_step
 from machine import machine_line
 from timing import median_seconds
 
@@ -80,8 +81,6 @@ def section_bytes() -> None:
 
 
 def section_throughput(steps: int) -> None:
-    import torch.nn.functional as F
-
     from blossom.config import load_config
     from blossom.data.cache import CacheSplit, load_cache
     from blossom.models import build_unet, noise_scheduler, set_threads
@@ -104,12 +103,7 @@ def section_throughput(steps: int) -> None:
     ]
 
     def step(x0, text) -> None:
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (len(x0),))
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(unet, opt, sched, x0, text)
 
     def from_ram(i: int) -> None:
         idx, flip = batches[i % len(batches)]
@@ -173,38 +167,42 @@ def section_build() -> None:
 # ---- memory: a cache bigger than the memory limit ----
 
 
-def _write_synthetic(root: Path, n: int, latent, text, val: int = 512) -> None:
-    """The same random samples in both formats: root/new (this one) and root/old (the previous)."""
-    from blossom.data.cache import SHARD_BYTES, write_index
+def synthetic_cache(folder: Path, n: int, latent, text, encoder: str = "minilm", val: int = 512) -> None:
+    """A format-2 cache of random latents and text states, one caption per sample, in shards sized
+    as `blossom cache` sizes them (at most SHARD_BYTES and SHARD_ROWS)."""
+    from blossom.data.cache import SHARD_BYTES, SHARD_ROWS, write_index
     from blossom.data.shards import write_shard
 
+    def rows_per_shard(row_bytes: int) -> int:
+        return min(max(1, SHARD_BYTES // row_bytes), SHARD_ROWS)
+
     rng = np.random.default_rng(0)
-    new, old = root / "new" / "cache", root / "old" / "cache"
-    new.mkdir(parents=True)
-    old.mkdir(parents=True)
-    meta = {"format": "2", "text_encoder": "minilm", "max_tokens": str(text[0]), "text_dim": str(text[1])}
+    folder.mkdir(parents=True)
+    meta = {"format": "2", "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
     names = {"text": [], "train": [], "val": []}
-    per_text = SHARD_BYTES // (int(np.prod(text)) * 2)
-    captions = n + val + 1
+    per_text, captions = rows_per_shard(int(np.prod(text)) * 2), n + val + 1
     for k, i in enumerate(range(0, captions, per_text)):
-        rows = min(per_text, captions - i)
+        states = rng.standard_normal((min(per_text, captions - i), *text), np.float32).astype(np.float16)
         names["text"].append(f"text-{k:05d}.safetensors")
-        write_shard(
-            new / names["text"][-1],
-            {"text": rng.standard_normal((rows, *text), np.float32).astype(np.float16)},
-            {**meta, "split": "text"},
-        )
+        write_shard(folder / names["text"][-1], {"text": states}, {**meta, "split": "text"})
+    per = rows_per_shard(int(np.prod(latent)) * 4 + 4)
     for split, count, first in (("train", n, 1), ("val", val, 1 + n)):
-        per = SHARD_BYTES // (int(np.prod(latent)) * 4 + 4)
         for k, i in enumerate(range(0, count, per)):
             rows = min(per, count - i)
             lat = rng.standard_normal((rows, *latent), np.float32).astype(np.float16)
             tensors = {"latents": lat, "caption": np.arange(first + i, first + i + rows, dtype=np.int32)}
             if split == "train":
-                tensors["latents_flipped"] = lat[..., ::-1]
+                tensors["latents_flipped"] = np.ascontiguousarray(lat[..., ::-1])
             names[split].append(f"{split}-{k:05d}.safetensors")
-            write_shard(new / names[split][-1], tensors, {**meta, "split": split})
-    write_index(new, names, "minilm", text[0], text[1], latent, True)
+            write_shard(folder / names[split][-1], tensors, {**meta, "split": split})
+    write_index(folder, names, encoder, text[0], text[1], latent, True)
+
+
+def _write_synthetic(root: Path, n: int, latent, text, val: int = 512) -> None:
+    """The same random samples in both formats: root/new (this one) and root/old (the previous)."""
+    new, old = root / "new" / "cache", root / "old" / "cache"
+    synthetic_cache(new, n, latent, text, val=val)
+    old.mkdir(parents=True)
     # The previous format: per-sample fp16 states beside fp32 latents, 4096 rows a shard.
     from safetensors.numpy import save_file
 
@@ -256,21 +254,15 @@ def _old_loader_train(cache: Path, steps: int) -> None:
 
 
 def _train_steps(fetch, n: int, steps: int) -> None:
-    import torch.nn.functional as F
-
     from blossom.config import load_config
-    from blossom.models import build_unet
+    from blossom.models import build_unet, noise_scheduler
 
     cfg = load_config()
     x0, text = fetch(torch.arange(2))
     unet = build_unet(cfg, text.shape[-1], tuple(x0.shape[1:]))
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    opt, sched = torch.optim.AdamW(unet.parameters(), lr=1e-4), noise_scheduler(cfg)
     for _ in range(steps):
-        x0, text = fetch(torch.randint(n, (cfg.train.batch_size,)))
-        loss = F.mse_loss(unet(x0, torch.randint(0, 1000, (len(x0),)), encoder_hidden_states=text).sample, x0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(unet, opt, sched, *fetch(torch.randint(n, (cfg.train.batch_size,))))
     print(f"trained {steps} steps", flush=True)
 
 

@@ -23,6 +23,16 @@ from blossom.images import to_tensor
 from blossom.models import build_unet, build_vae, load_text_encoder, noise_scheduler, set_threads
 
 
+def train_step(unet, opt, sched, x0: torch.Tensor, text: torch.Tensor) -> None:
+    """One plain noise-prediction step: the work every cache benchmark feeds, whatever the source."""
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (len(x0),))
+    loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -45,12 +55,7 @@ def main() -> None:
     sched = noise_scheduler(cfg)
 
     def step(x0: torch.Tensor, text: torch.Tensor) -> None:
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (len(x0),))
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(unet, opt, sched, x0, text)
 
     def cached(i: int) -> None:
         idx = torch.arange(i * args.batch, (i + 1) * args.batch) % len(images)

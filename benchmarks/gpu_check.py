@@ -21,37 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-
-def synthetic_cache(folder: Path, n: int, latent: tuple, text: tuple, encoder: str) -> None:
-    from blossom.data.cache import SHARD_ROWS, write_index
-    from blossom.data.shards import write_shard
-
-    rng = np.random.default_rng(0)
-    meta = {"format": "2", "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
-    folder.mkdir(parents=True)
-    names = {"text": [], "train": [], "val": []}
-    captions = n + 65
-    for k, i in enumerate(range(0, captions, SHARD_ROWS)):
-        rows = min(SHARD_ROWS, captions - i)
-        names["text"].append(f"text-{k:05d}.safetensors")
-        states = rng.standard_normal((rows, *text), np.float32).astype(np.float16)
-        write_shard(folder / names["text"][-1], {"text": states}, {**meta, "split": "text"})
-    for split, count, first in (("train", n, 1), ("val", 64, 1 + n)):
-        for k, i in enumerate(range(0, count, SHARD_ROWS)):
-            rows = min(SHARD_ROWS, count - i)
-            lat = rng.standard_normal((rows, *latent), np.float32).astype(np.float16)
-            tensors = {"latents": lat, "caption": np.arange(first + i, first + i + rows, dtype=np.int32)}
-            if split == "train":
-                tensors["latents_flipped"] = np.ascontiguousarray(lat[..., ::-1])
-            names[split].append(f"{split}-{k:05d}.safetensors")
-            write_shard(folder / names[split][-1], tensors, {**meta, "split": split})
-    write_index(folder, names, encoder, text[0], text[1], latent, True)
+from cache_format import synthetic_cache  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 
 def steady_steps(cfg, cache: Path, batch: int, cuda: bool, warm: int = 3, timed: int = 10) -> dict:
@@ -124,7 +99,7 @@ def main() -> None:
     batch = args.batch or cfg.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synthetic_cache(tmp / "cache", args.samples, latent, text, cfg.text.encoder)
+        synthetic_cache(tmp / "cache", args.samples, latent, text, cfg.text.encoder, val=64)
         build_vae(cfg.vae).save_pretrained(tmp / "vae")
         train = dataclasses.replace(
             cfg.train,
