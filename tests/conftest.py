@@ -42,6 +42,7 @@ MICRO = [
     "evaluate.classifier_epochs=1",
     "evaluate.images_per_pair=1",
     "evaluate.batch_size=40",
+    "tracking.live=false",  # tests that start blossom train would otherwise write mlflow.db where they run
 ]
 
 

@@ -42,7 +42,7 @@ STAGE_READS = {
         "evaluate.inception",
         "evaluate.clip",
     ],
-    "promote": ["tracking"],
+    "promote": ["tracking.uri", "tracking.experiment", "tracking.model_name", "tracking.promote_tolerance"],
     "distill": [
         "distill",
         "train.mixed_precision",
@@ -56,7 +56,9 @@ STAGE_READS = {
         "sample.seed",
         "evaluate.images_per_pair",
         "evaluate.batch_size",
-        "tracking",
+        "tracking.uri",
+        "tracking.experiment",
+        "tracking.model_name",
     ],
     "export": ["sample.sampler", "sample.steps", "sample.guidance"],
     "publish": ["publish"],
@@ -260,6 +262,7 @@ def test_repro_killed_during_training_resumes_it_and_matches_an_uninterrupted_ru
     root = micro_project(tmp_path / "proj")
     set_param(root, "train.steps", 40)
     set_param(root, "train.checkpoint_every", 5)
+    set_param(root, "tracking.live", True)
     env = dvc_env()
     proc = subprocess.Popen(
         [DVC, "repro", "train"],
@@ -280,6 +283,12 @@ def test_repro_killed_during_training_resumes_it_and_matches_an_uninterrupted_ru
     log = (root / "repro.log").read_text()
     assert "resumed from step-0000" in log, out[-2000:]
     resumed = load_file(root / "outputs" / "train" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    from mlflow import MlflowClient
+
+    mlflow_store = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = mlflow_store.search_runs(["1"])  # the killed run, continued: one run, not two
+    assert run.info.status == "FINISHED" and run.data.metrics["val_loss"] > 0
+    assert max(m.step for m in mlflow_store.get_metric_history(run.info.run_id, "loss")) == 40
 
     # the same pipeline, never interrupted
     clean = micro_project(tmp_path / "clean")
@@ -294,6 +303,7 @@ def test_repro_killed_during_training_resumes_it_and_matches_an_uninterrupted_ru
     set_param(root, "train.lr", 5e-4)
     repro(root, "train")
     assert "starting a fresh run" in (root / "repro.log").read_text().split("resumed from")[-1]
+    assert len(mlflow_store.search_runs(["1"])) == 2  # and a fresh run is a new MLflow run
 
 
 def torch_equal(a, b) -> bool:

@@ -6,20 +6,106 @@ import json
 import pytest
 
 from blossom.config import redact
-from blossom.tracking import champion, flatten, log_training_run, promote
+from blossom.mlflow_run import flatten
+from blossom.tracking import champion, log_training_run, promote
 from blossom.train.diffusion import train_diffusion
 
 
 @pytest.fixture
-def trained(micro_prepared, tmp_path, monkeypatch):
+def tracked(micro_prepared, tmp_path, monkeypatch):
+    """The micro config on an MLflow store of this test's own."""
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     cfg, paths = micro_prepared
-    cfg = dataclasses.replace(
-        cfg, tracking=dataclasses.replace(cfg.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri sets it: undone after the test
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri)), paths
+
+
+@pytest.fixture
+def trained(tracked, tmp_path):
+    cfg, paths = tracked
     out = tmp_path / "train"
     train_diffusion(cfg, paths.cache, paths.vae, out)
     return cfg, out, tmp_path
+
+
+@pytest.fixture
+def live_cfg(tracked):
+    cfg, paths = tracked
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, live=True)), paths
+
+
+def stop_after_checkpoint(monkeypatch, at_step, action):
+    """Let training write its checkpoint at `at_step`, then run `action` (a kill, an error)."""
+    from blossom.train import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def save(ckpt_dir, step, *args):
+        real(ckpt_dir, step, *args)
+        if step == at_step:
+            action()
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+
+
+def test_training_streams_to_mlflow_and_a_resumed_run_continues_the_same_mlflow_run(live_cfg, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    cfg, paths = live_cfg
+    client = MlflowClient(cfg.tracking.uri)
+    out = tmp_path / "train"
+    seen = {}
+
+    def sigterm():  # what torchrun or a scheduler sends; the run must say KILLED, not stay RUNNING
+        (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+        seen["status"] = run.info.status
+        seen["steps"] = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stop_after_checkpoint(monkeypatch, 2, sigterm)
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(cfg, paths.cache, paths.vae, out, track=True)
+    assert seen == {"status": "RUNNING", "steps": [1, 2]}  # the run is there while training runs
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    run_id = (out / "checkpoints" / "mlflow_run.txt").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    result = train_diffusion(cfg, paths.cache, paths.vae, out, resume="latest", track=True)
+    run = client.get_run(run_id)
+    assert result["mlflow_run_id"] == run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]  # on from the checkpoint
+    assert run.data.metrics["val_loss"] == result["val_loss"]
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+
+    candidate = log_training_run(cfg, out, tmp_path / "no-eval")  # promote logs the model into the same run
+    assert candidate["run_id"] == run_id and len(client.search_runs([run.info.experiment_id])) == 1
+    assert client.get_model_version(cfg.tracking.model_name, candidate["version"]).run_id == run_id
+    from mlflow.models import Model
+
+    model = Model.load(f"models:/{cfg.tracking.model_name}/{candidate['version']}")
+    assert model.saved_input_example_info["type"] == "dataframe"  # MLflow served it once before registering
+
+
+def test_training_that_fails_marks_its_mlflow_run_failed(live_cfg, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    cfg, paths = live_cfg
+
+    def fail():
+        raise RuntimeError("disk on fire")
+
+    stop_after_checkpoint(monkeypatch, 2, fail)
+    with pytest.raises(RuntimeError):
+        train_diffusion(cfg, paths.cache, paths.vae, tmp_path / "train", track=True)
+    run_id = (tmp_path / "train" / "checkpoints" / "mlflow_run.txt").read_text().strip()
+    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FAILED"
 
 
 def with_val_loss(train_dir, value):
@@ -79,7 +165,7 @@ def test_params_hold_the_config_but_no_credentials(trained):
 
 
 def test_unreachable_server_is_a_one_line_error(trained, monkeypatch):
-    from blossom.tracking import TrackingError
+    from blossom.mlflow_run import TrackingError
 
     cfg, train_dir, tmp = trained
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -150,7 +150,9 @@ def cmd_train(cfg: Config, paths: Paths, args) -> dict:
 
     launch = launch_env()
     cfg = with_launcher(cfg, launch)
-    result = train_diffusion(cfg, paths.cache, vae_dir(cfg, paths), paths.train, resume=args.resume, launch=launch)
+    result = train_diffusion(
+        cfg, paths.cache, vae_dir(cfg, paths), paths.train, args.resume, launch, track=cfg.tracking.live
+    )
     if launch.rank == 0:
         report.training(paths.root, paths.train, result)
         print(f"train: {result['steps']} steps, val loss {result['val_loss']:.5f} -> {paths.model}")

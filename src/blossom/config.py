@@ -155,6 +155,9 @@ class TrackingConfig:
     model_name: str = "blossom"
     # A new model becomes the champion only if its validation loss is lower by more than this.
     promote_tolerance: float = 1e-4
+    # Training logs to MLflow as it goes (rank 0): the run shows from the first step, and its status
+    # says how training ended. Off, the run reaches MLflow only when `promote` runs.
+    live: bool = True
 
 
 @dataclass

@@ -11,13 +11,10 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from blossom.config import Config, redact
-from blossom.errors import BlossomError
+from blossom.mlflow_run import LiveRun, connect, flatten, guard, params_of, row_metrics
 from blossom.stats import flatten as numeric
 
 log = logging.getLogger(__name__)
@@ -26,78 +23,35 @@ CHAMPION = "champion"
 FAST = "fast"  # the alias of the distilled student that holds its adherence bar
 
 
-class TrackingError(BlossomError):
-    pass
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
-    return flat
-
-
-def _client(cfg: Config):
-    import os
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    # MLflow's own default retries a dead server for minutes; fail within seconds unless told otherwise.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    return MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
-
-
-@contextmanager
-def _guard(what: str, cfg: Config) -> Iterator[None]:
-    """Turn MLflow's connection and store errors into one line that says what to check."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield
-    except (MlflowException, ConnectionError, OSError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        first = redact(first)  # MLflow's messages repeat the URI, password included
-        raise TrackingError(
-            f"MLflow {what} failed at {redact(cfg.tracking.uri)} ({first}): "
-            "check MLFLOW_TRACKING_URI, the server and its credentials"
-        ) from None
-
-
 def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
-    """Log a finished training run (params, curves, metrics, images, model) and register its model."""
+    """Log a trained model (its evaluation, images and the model itself) and register it: into the
+    run that training streamed to, or into a new run with the curves when training was not live."""
     import mlflow
 
     model_dir = train_dir / "model"
     train_info = json.loads((model_dir / "train.json").read_text())
     metrics_path = eval_dir / "metrics.json"
     eval_metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-    stats = [json.loads(line) for line in (train_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
-    params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.uri")}
 
-    with _guard("logging", cfg):
-        _client(cfg)
-        mlflow.set_experiment(cfg.tracking.experiment)
-        with mlflow.start_run(run_name=f"{cfg.preset}-{train_info['steps']}steps") as run:
-            mlflow.set_tag("tracking_uri", redact(cfg.tracking.uri))
-            mlflow.log_params(params)  # MLflow sends them in batches of its own size
-            for row in stats:
-                values = {
-                    "loss": row["loss"],
-                    "lr": row["lr"],
-                    "images_per_s": row["images_per_s"],
-                    "grad_norm": row["grad_norm"],
-                }
-                values.update({f"loss_t{b}": v for b, v in enumerate(row["loss_by_t_bin"])})
-                mlflow.log_metrics(values, step=row["step"])
-            for step, value in train_info["val_history"]:
-                mlflow.log_metric("val_loss", value, step=step)
+    with guard("logging", cfg):
+        client = connect(cfg)
+        experiment = mlflow.set_experiment(cfg.tracking.experiment)
+        live = train_info.get("mlflow_run_id")
+        continued = bool(live) and LiveRun._continues(client, live, experiment.experiment_id)
+        run = (
+            mlflow.start_run(run_id=live)
+            if continued
+            else mlflow.start_run(run_name=f"{cfg.preset}-{train_info['steps']}steps")
+        )
+        with run:
+            if not continued:
+                mlflow.set_tag("tracking_uri", redact(cfg.tracking.uri))
+                mlflow.log_params(params_of(cfg))
+                stats = [json.loads(x) for x in (train_dir / "stats.jsonl").read_text().splitlines() if x.strip()]
+                for row in stats:
+                    mlflow.log_metrics(row_metrics(row), step=row["step"])
+                for step, value in train_info["val_history"]:
+                    mlflow.log_metric("val_loss", value, step=step)
             if eval_metrics:
                 mlflow.log_metrics(
                     numeric(
@@ -135,10 +89,9 @@ def log_pyfunc(folder: Path, registered_name: str):
     from blossom import pyfunc
 
     distilled = json.loads((folder / "blossom.json").read_text()).get("distilled")
+    prompts = pd.DataFrame({"prompt": ["a red flower with five round petals on grass"]})
     signature = infer_signature(
-        pd.DataFrame({"prompt": ["a red flower with five round petals on grass"]}),
-        pd.DataFrame({"image": ["iVBORw0KGgo="]}),
-        params=pyfunc.FAST_PARAMS if distilled else pyfunc.PARAMS,
+        prompts, pd.DataFrame({"image": ["iVBORw0KGgo="]}), params=pyfunc.FAST_PARAMS if distilled else pyfunc.PARAMS
     )
     return mlflow.pyfunc.log_model(
         name="model",
@@ -146,6 +99,8 @@ def log_pyfunc(folder: Path, registered_name: str):
         artifacts={pyfunc.ARTIFACT: str(folder)},
         code_paths=[str(Path(pyfunc.__file__).parent)],  # blossom itself, so any environment can load it
         signature=signature,
+        # MLflow serves this example through the logged model before it registers it: one step keeps that cheap
+        input_example=(prompts, {"steps": 1}),
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=registered_name,
     )
@@ -158,8 +113,8 @@ PIP_REQUIREMENTS = ["torch", "diffusers", "transformers", "safetensors", "pillow
 def champion(cfg: Config) -> dict | None:
     from mlflow.exceptions import MlflowException
 
-    with _guard("registry lookup", cfg):
-        client = _client(cfg)
+    with guard("registry lookup", cfg):
+        client = connect(cfg)
         try:
             mv = client.get_model_version_by_alias(cfg.tracking.model_name, CHAMPION)
         except MlflowException as e:
@@ -181,15 +136,15 @@ def promote(cfg: Config, candidate: dict, out_dir: Path) -> dict:
     current = champion(cfg)
     improved = current is None or candidate["val_loss"] < current["val_loss"] - cfg.tracking.promote_tolerance
     if improved:
-        with _guard("promotion", cfg):
-            _client(cfg).set_registered_model_alias(cfg.tracking.model_name, CHAMPION, candidate["version"])
+        with guard("promotion", cfg):
+            connect(cfg).set_registered_model_alias(cfg.tracking.model_name, CHAMPION, candidate["version"])
         current = champion(cfg)
     assert current is not None
     identity = {k: current[k] for k in ("version", "run_id", "val_loss")}
     marker = out_dir / "champion.json"
     if marker.exists() and json.loads(marker.read_text()) == identity:
         return {"promoted": improved, **identity}  # already in place, byte for byte
-    with atomic_dir(out_dir) as tmp, _guard("model download", cfg):
+    with atomic_dir(out_dir) as tmp, guard("model download", cfg):
         # the registry's own address for the champion, as any MLflow user would fetch it
         got = Path(
             mlflow.artifacts.download_artifacts(
@@ -211,8 +166,8 @@ def log_student(cfg: Config, distill_dir: Path, metrics: dict | None, holds: boo
     model_dir = distill_dir / "model"
     info = json.loads((model_dir / "train.json").read_text())["distill"]
     params = {f"distill.{k}": v for k, v in flatten(cfg.to_dict()["distill"]).items()}
-    with _guard("logging", cfg):
-        client = _client(cfg)
+    with guard("logging", cfg):
+        client = connect(cfg)
         mlflow.set_experiment(cfg.tracking.experiment)
         with mlflow.start_run(run_name=f"{cfg.preset}-distill-{info['steps']}steps") as run:
             mlflow.set_tags({"teacher_run_id": teacher_run or "", "kind": "distilled"})

@@ -22,6 +22,7 @@ from blossom.data.cache import CacheSplit, cache_index, check_cache
 from blossom.data.stream import ShardOrder, check_lanes
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
 from blossom.memory import check_room, step_floor
+from blossom.mlflow_run import LiveRun, NoRun, row_metrics
 from blossom.models import build_unet, check_cross_attention, n_params, noise_scheduler
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
@@ -142,7 +143,9 @@ def train_diffusion(
     out_dir: Path,
     resume: str | None = None,
     launch: LaunchEnv = LaunchEnv(),
+    track: bool = False,
 ) -> dict:
+    """track: rank 0 logs to MLflow as it trains (mlflow_run.LiveRun); the CLI passes tracking.live."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -219,97 +222,106 @@ def train_diffusion(
         n_params(unet), c.batch_size // rt.world, data.latent_shape, (index["max_tokens"], index["text_dim"])
     )
     check_room(need, "one training step", "lower train.batch_size (or raise the memory limit)")
-    bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
-    t0 = time.time()
-    unet.train()
-    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step", disable=not rt.main)
-    stats_file = open(stats_path, "a", encoding="utf-8") if rt.main else None
-    mine = rt.share(c.batch_size)
-    for step in bar:
-        # Every rank draws the whole global batch from the same generator and trains on its slice.
-        idx = torch.randint(len(data), (c.batch_size,), generator=gen)
-        if order is not None:  # the step alone decides the samples: a resumed run reads on where it stopped
-            idx = order.indices(step, c.batch_size)
-        # Per-sample caption dropout teaches the unconditional model that guidance needs.
-        drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
-        noise = torch.randn((c.batch_size, *data.latent_shape), generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
-        flip = torch.rand(c.batch_size, generator=flip_gen) < 0.5
-        idx, drop, noise, t, flip = idx[mine], drop[mine], noise[mine], t[mine], flip[mine]
-        x0, cond = data.batch(idx, flip if cfg.data.random_flip else None)  # only this rank's rows are read
-        cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
-        xt = sched.add_noise(x0, noise, t)
-        target, weights = target_for(sched, x0, noise, t), snr_weights(sched, t, c.min_snr_gamma)
-        xt, t_dev, cond, target, weights = (v.to(rt.device) for v in (xt, t, cond, target, weights))
+    live = (
+        LiveRun(cfg, ckpt_dir, bool(path), f"{cfg.preset}-{c.steps}steps")
+        if track and rt.main
+        else NoRun()
+    )
+    with live:
+        bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
+        t0 = time.time()
+        unet.train()
+        bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train", unit="step", disable=not rt.main)
+        stats_file = open(stats_path, "a", encoding="utf-8") if rt.main else None
+        mine = rt.share(c.batch_size)
+        for step in bar:
+            # Every rank draws the whole global batch from the same generator and trains on its slice.
+            idx = torch.randint(len(data), (c.batch_size,), generator=gen)
+            if order is not None:  # the step alone decides the samples: a resumed run reads on where it stopped
+                idx = order.indices(step, c.batch_size)
+            # Per-sample caption dropout teaches the unconditional model that guidance needs.
+            drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
+            noise = torch.randn((c.batch_size, *data.latent_shape), generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
+            flip = torch.rand(c.batch_size, generator=flip_gen) < 0.5
+            idx, drop, noise, t, flip = idx[mine], drop[mine], noise[mine], t[mine], flip[mine]
+            x0, cond = data.batch(idx, flip if cfg.data.random_flip else None)  # only this rank's rows are read
+            cond = torch.where(drop.view(-1, 1, 1), null_text.expand_as(cond), cond)
+            xt = sched.add_noise(x0, noise, t)
+            target, weights = target_for(sched, x0, noise, t), snr_weights(sched, t, c.min_snr_gamma)
+            xt, t_dev, cond, target, weights = (v.to(rt.device) for v in (xt, t, cond, target, weights))
 
-        with distributed.autocast(rt, c):
-            pred = engine.forward(xt, t_dev, encoder_hidden_states=cond).sample
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (weights * per_sample).mean()
-        grad_norm = engine.step(loss)
-        lr_scheduler.step()
-        ema.step(unet.parameters())
+            with distributed.autocast(rt, c):
+                pred = engine.forward(xt, t_dev, encoder_hidden_states=cond).sample
+            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (weights * per_sample).mean()
+            grad_norm = engine.step(loss)
+            lr_scheduler.step()
+            ema.step(unet.parameters())
 
-        b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
-        bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
-        bins[N_BINS : 2 * N_BINS].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
-        bins[-2:] += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        done = step + 1
-        img_s = (done - start) * c.batch_size / (time.time() - t0)
-        if done % c.log_every == 0 or done == c.steps:
-            total = rt.sum(bins)
-            row = {
-                "step": done,
-                "images_seen": done * c.batch_size,
-                "loss": (total[-2] / total[-1]).item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "images_per_s": round(img_s, 1),
-                "loss_by_t_bin": (total[:N_BINS] / total[N_BINS : 2 * N_BINS].clamp(min=1))
-                .float()
-                .round(decimals=5)
-                .tolist(),
-            }
-            bins.zero_()
-            if rt.main:
-                stats.append(row)
-                stats_file.write(json.dumps(row) + "\n")
-                stats_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
-        if done % c.val_every == 0 or done == c.steps:
-            with ema_weights(unet, ema):
-                val_history.append((done, validation_loss(unet, sched, val_data, rt)))
-            if rt.main:
-                log.info("step %d: val loss %.5f", done, val_history[-1][1])
-        if done % c.checkpoint_every == 0 or done == c.steps:
-            ckpt.save_checkpoint(
-                ckpt_dir,
-                done,
-                rt,
-                engine,
-                ema,
-                lr_scheduler,
-                (gen, flip_gen),
-                c.keep_checkpoints,
-                {"val_history": val_history, "images_seen": done * c.batch_size},
-            )
-    if stats_file:
-        stats_file.close()
+            b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
+            bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
+            bins[N_BINS : 2 * N_BINS].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
+            bins[-2:] += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            done = step + 1
+            img_s = (done - start) * c.batch_size / (time.time() - t0)
+            if done % c.log_every == 0 or done == c.steps:
+                total = rt.sum(bins)
+                row = {
+                    "step": done,
+                    "images_seen": done * c.batch_size,
+                    "loss": (total[-2] / total[-1]).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "images_per_s": round(img_s, 1),
+                    "loss_by_t_bin": (total[:N_BINS] / total[N_BINS : 2 * N_BINS].clamp(min=1))
+                    .float()
+                    .round(decimals=5)
+                    .tolist(),
+                }
+                bins.zero_()
+                if rt.main:
+                    stats.append(row)
+                    stats_file.write(json.dumps(row) + "\n")
+                    stats_file.flush()
+                    live.log(row_metrics(row), done)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
+            if done % c.val_every == 0 or done == c.steps:
+                with ema_weights(unet, ema):
+                    val_history.append((done, validation_loss(unet, sched, val_data, rt)))
+                if rt.main:
+                    log.info("step %d: val loss %.5f", done, val_history[-1][1])
+                    live.log({"val_loss": val_history[-1][1]}, done)
+            if done % c.checkpoint_every == 0 or done == c.steps:
+                ckpt.save_checkpoint(
+                    ckpt_dir,
+                    done,
+                    rt,
+                    engine,
+                    ema,
+                    lr_scheduler,
+                    (gen, flip_gen),
+                    c.keep_checkpoints,
+                    {"val_history": val_history, "images_seen": done * c.batch_size},
+                )
+        if stats_file:
+            stats_file.close()
 
-    result = {
-        "steps": c.steps,
-        "images_seen": c.steps * c.batch_size,
-        "val_loss": val_history[-1][1] if val_history else None,
-        "val_history": val_history,
-        "unet_params": n_params(unet),
-        "processes": rt.world,
-        "train_seconds_this_run": round(time.time() - t0, 1),
-    }
-    if rt.main:
-        plot_loss(stats, val_history, out_dir / "loss_curve.png")
-        with ema_weights(unet, ema), atomic_dir(out_dir / "model") as tmp:
-            unet.save_pretrained(tmp / "unet")  # the EMA weights: what gets evaluated and served
-            write_model_files(cfg, vae_dir, tmp, result)
+        result = {
+            "steps": c.steps,
+            "images_seen": c.steps * c.batch_size,
+            "val_loss": val_history[-1][1] if val_history else None,
+            "val_history": val_history,
+            "unet_params": n_params(unet),
+            "processes": rt.world,
+            "train_seconds_this_run": round(time.time() - t0, 1),
+            "mlflow_run_id": live.run_id,
+        }
+        if rt.main:
+            plot_loss(stats, val_history, out_dir / "loss_curve.png")
+            with ema_weights(unet, ema), atomic_dir(out_dir / "model") as tmp:
+                unet.save_pretrained(tmp / "unet")  # the EMA weights: what gets evaluated and served
+                write_model_files(cfg, vae_dir, tmp, result)
     rt.stop()
     return result
 
