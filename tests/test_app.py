@@ -70,6 +70,23 @@ def test_generate_shows_the_images_its_seed_gives(monkeypatch, micro_exported, b
     assert [b.label for b in at.get("download_button")] == ["Download PNG"] * 3
 
 
+def test_the_page_starts_with_the_defaults_of_blossom_generate(monkeypatch, micro_exported, micro_prepared):
+    from blossom.backends import default_backend
+    from blossom.config import SampleConfig
+
+    model, folder, _ = micro_exported
+    cfg, _ = micro_prepared
+    # an export (its sampling written from params.yaml, as generate reads it); a trained folder
+    # without ONNX graphs or sampling of its own (params.yaml's defaults)
+    for served, backend, sampling in ((folder, "onnx", cfg.sample), (model, "torch", SampleConfig())):
+        at = page(monkeypatch, BLOSSOM_MODEL=served)
+        assert at.radio[0].value == backend == default_backend(served)
+        assert at.selectbox[0].value == sampling.sampler
+        assert at.slider[0].value == sampling.steps
+        assert at.slider[1].value == sampling.guidance
+    assert cfg.sample.steps == 4 != SampleConfig().steps  # the micro config's, so the export's own are seen
+
+
 def test_bad_input_is_a_message_on_the_page(monkeypatch, micro_exported):
     _, folder, _ = micro_exported
     at = generate(page(monkeypatch, BLOSSOM_MODEL=folder), "   ")

@@ -443,7 +443,12 @@ CASES = [
     ("seed past 64 bits", gen("--seed", str(2**70)), 2, "seed must be from 0"),
     ("seed plus n overflows", gen("--seed", str(2**32 - 2), "--n", "4"), 2, "image i uses seed + i"),
     ("unknown sampler", gen("--sampler", "heun"), 2, "unknown sampler 'heun'"),
-    ("int8 on torch", gen("--precision", "int8"), 2, "the torch backend runs fp32 or bf16, not 'int8'"),
+    (
+        "int8 on torch",
+        gen("--backend", "torch", "--precision", "int8"),
+        2,
+        "the torch backend runs fp32 or bf16, not 'int8'",
+    ),
     ("fp16 precision", gen("--backend", "onnx", "--precision", "fp16"), 2, "invalid choice: 'fp16'"),
     ("bf16 on onnx", gen("--backend", "onnx", "--precision", "bf16"), 2, "the onnx backend runs fp32 or int8"),
     ("out is a file", lambda root: ["generate", "x", "--out", str(file_at(root))], 2, "is a file: pass a folder"),
@@ -466,7 +471,9 @@ CASES = [
     (
         "truncated unet weights",
         generate_with(
-            lambda root: broken_copy(root, lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"))
+            lambda root: broken_copy(root, lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors")),
+            "--backend",
+            "torch",
         ),
         2,
         "its files are damaged",

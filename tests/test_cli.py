@@ -22,7 +22,7 @@ def run(args, capsys):
         (["--set", "sample.steps=0", "generate", "a flower"], "'sample.steps' must be positive"),
         (["generate", "   "], "the prompt is empty"),
         (
-            ["generate", "a flower", "--precision", "int8"],
+            ["generate", "a flower", "--backend", "torch", "--precision", "int8"],
             "the torch backend runs fp32 or bf16, not 'int8': use --backend onnx",
         ),
         (["--set", "data.source=folder", "data"], "data.path is empty"),
@@ -133,7 +133,8 @@ def test_generate_several_prompts_and_a_file_without_overwriting(micro_exported,
     assert run(args, capsys)[0] == 0  # again: numbered on, nothing overwritten
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:03d}.png" for i in range(12)]
     prompts = ["a red flower"] * 2 + ["a blue flower on sand"] * 2 + ["a white flower at night"] * 2
-    alone = sample(load_backend("torch", folder), prompts, "unipc", 2, 5.0, 5)
+    # no --backend on an export: ONNX Runtime, as the app starts with
+    alone = sample(load_backend("onnx", folder), prompts, "unipc", 2, 5.0, 5)
     for i in range(6):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:03d}.png")), alone[i])
         assert np.array_equal(np.asarray(Image.open(out / f"{i + 6:03d}.png")), alone[i])

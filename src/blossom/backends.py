@@ -13,7 +13,7 @@ import torch
 from blossom.config import TextConfig
 from blossom.errors import BlossomError, ModelError, first_line
 from blossom.images import to_uint8
-from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, model_files_missing, unet_feed
+from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, has_onnx, model_files_missing, unet_feed
 from blossom.models import load_text_encoder, load_vae, tokenize
 
 
@@ -162,6 +162,19 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
         ) from None
 
 
+def _model_json(folder: Path, name: str) -> dict:
+    try:
+        data = json.loads((folder / name).read_text())
+        why = None if isinstance(data, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:
+        why = first_line(e)
+    if why:
+        raise ModelError(
+            f"cannot load the model at {folder} ({name}: {why}): its files are damaged; train or export it again"
+        )
+    return data
+
+
 class OnnxBackend:
     """The exported ONNX graphs in ONNX Runtime; the optimised copies when present. `precision`
     int8 runs the statically quantized UNet and VAE decoder that `blossom export` calibrates."""
@@ -185,7 +198,7 @@ class OnnxBackend:
         )
         if precision == "int8":
             _check_int8_runs_here(folder)
-        self.info = json.loads((folder / "blossom.json").read_text())
+        self.info = _model_json(folder, "blossom.json")
         self.distilled = self.info.get("distilled")
         self.max_tokens = self.info["text"]["max_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -195,9 +208,9 @@ class OnnxBackend:
             path = optimized if optimized.exists() else folder / "onnx" / name
             self.sessions[key] = ort_session(path, threads=threads, spin=key == "unet")
         self._empty_text: torch.Tensor | None = None
-        self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        self.scheduler_config = _model_json(folder, "scheduler/scheduler_config.json")
         check_scheduler(folder, self.distilled, self.scheduler_config)
-        c = json.loads((folder / "unet" / "config.json").read_text())
+        c = _model_json(folder, "unet/config.json")
         self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
@@ -252,6 +265,18 @@ def _check_int8_runs_here(folder: Path) -> None:
 
 
 PRECISIONS = {"torch": ("fp32", "bf16", "auto"), "onnx": ("fp32", "int8", "auto")}
+
+
+def default_backend(folder: str | Path, precision: str | None = None) -> str:
+    """What `generate` and the app run when not told: the backend a precision needs, else ONNX
+    Runtime where the folder has its graphs (the faster CPU path: docs/benchmarks.md), else PyTorch."""
+    if precision in ("bf16", "int8"):
+        return "torch" if precision == "bf16" else "onnx"
+    try:  # an export says (a Hub snapshot holds no graphs until asked for them)
+        said = json.loads((Path(folder) / "blossom.json").read_text()).get("backends")
+    except (OSError, ValueError, AttributeError):  # no folder, or a damaged one: loading it says which
+        said = None
+    return said[0] if said in (["onnx", "torch"], ["torch"]) else "onnx" if has_onnx(folder) else "torch"
 
 
 def resolve_precision(name: str, folder: str | Path, precision: str) -> tuple[str, str]:

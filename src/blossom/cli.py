@@ -516,7 +516,7 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from blossom.backends import load_backend
+    from blossom.backends import default_backend, load_backend
     from blossom.fsutil import atomic_path
     from blossom.sampling import check_request, sample
 
@@ -543,7 +543,7 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     out = Path(args.out)
     writable_folder(out, "--out")
     precision = args.precision or ("auto" if args.fast else "fp32")
-    backend = load_backend(args.backend, folder, precision)
+    backend = load_backend(args.backend or default_backend(folder, args.precision), folder, precision)
     fast = backend.distilled
     if fast and args.sampler not in (None, fast["sampler"]):
         raise BlossomError(
@@ -732,7 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
-    s.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    s.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        help="default: onnx where the model folder has ONNX graphs (an export), else torch; as the app",
+    )
     s.add_argument(
         "--precision",
         default=None,

@@ -290,6 +290,9 @@ def _export_into(model_dir: Path, tmp: Path, calibration, sampling, int8_bar: bo
             shutil.copy2(model_dir / name, tmp / name)
     info = json.loads((tmp / "blossom.json").read_text())
     info["text"]["encoder"] = "text_encoder"  # self-contained: the folder carries its own encoder
+    # the app, which has no params.yaml, starts from the sampling `blossom generate` uses
+    info["sample"] = dict(zip(("sampler", "steps", "guidance"), sampling, strict=True))
+    info["backends"] = ["onnx", "torch"]  # what it runs, the default first: the app reads it before any weights
     write_json(tmp / "blossom.json", info)
     (tmp / "onnx").mkdir()
     write_onnx(torch_backend, tmp / "onnx")

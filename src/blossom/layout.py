@@ -22,6 +22,10 @@ def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[s
     return [n for n in needed or MODEL_FILES if not (folder / n).exists()]
 
 
+def has_onnx(folder: str | Path) -> bool:
+    return all((Path(folder) / "onnx" / f).exists() for f in ONNX_FILES.values())
+
+
 def has_int8(folder: str | Path) -> bool:
     return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
 

@@ -46,6 +46,21 @@ def find_model() -> Path | None:
     return None
 
 
+def sampling_defaults(folder: Path) -> dict:
+    """Where the page starts: the sampling the model was exported with (params.yaml's `sample:`,
+    as `blossom generate` uses it), params.yaml's defaults for a folder that does not say."""
+    import dataclasses
+
+    from blossom.config import SampleConfig
+
+    path = folder / "blossom.json"
+    said = json.loads(path.read_text()).get("sample", {}) if path.exists() else {}
+    start = {**dataclasses.asdict(SampleConfig()), **said}
+    if start["sampler"] not in SAMPLERS:  # a distilled model's own sampler: the fast switch shows it
+        start["sampler"] = SampleConfig.sampler
+    return start
+
+
 # What each use of a Hub model repo needs: the page its card and metadata, each backend its own
 # weights (a published repo holds both formats; one backend never needs the other's).
 HUB_FILES = {
@@ -173,8 +188,17 @@ def main() -> None:
         if has_fast(folder)
         else "this model has no distilled student: run `blossom distill`, then export and publish",
     )
+    from blossom.backends import default_backend
+
     served = folder / FAST if fast else folder
-    backend_name = c1.radio("Backend", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, horizontal=True)
+    start = sampling_defaults(served)
+    backend_name = c1.radio(
+        "Backend",
+        list(BACKEND_LABELS),
+        index=list(BACKEND_LABELS).index(default_backend(served)),
+        format_func=BACKEND_LABELS.get,
+        horizontal=True,
+    )
     precision = c1.radio(
         "Precision",
         precisions(backend_name, served),
@@ -185,11 +209,11 @@ def main() -> None:
     )
     if fast:
         sampler = c1.selectbox("Sampler", [FAST_SAMPLER], disabled=True)
-        steps = c2.slider("Steps", 1, FAST_MAX_STEPS, 4, key="fast-steps")
+        steps = c2.slider("Steps", 1, FAST_MAX_STEPS, min(int(start["steps"]), FAST_MAX_STEPS), key="fast-steps")
     else:
-        sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index("unipc"))
-        steps = c2.slider("Steps", 1, MAX_STEPS, 15)
-    guidance = c2.slider("Guidance", 1.0, 15.0, 5.0, 0.5)
+        sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index(start["sampler"]))
+        steps = c2.slider("Steps", 1, MAX_STEPS, min(int(start["steps"]), MAX_STEPS))
+    guidance = c2.slider("Guidance", 1.0, 15.0, float(start["guidance"]), 0.5)
     n = c3.number_input("Images", 1, MAX_IMAGES, 4)
     random_seed = c3.checkbox("Random seed")
     seed = c3.number_input("Seed", 0, MAX_SEED, 0, disabled=random_seed)

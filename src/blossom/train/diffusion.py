@@ -222,11 +222,7 @@ def train_diffusion(
         n_params(unet), c.batch_size // rt.world, data.latent_shape, (index["max_tokens"], index["text_dim"])
     )
     check_room(need, "one training step", "lower train.batch_size (or raise the memory limit)")
-    live = (
-        LiveRun(cfg, ckpt_dir, bool(path), f"{cfg.preset}-{c.steps}steps")
-        if track and rt.main
-        else NoRun()
-    )
+    live = LiveRun(cfg, ckpt_dir, bool(path), f"{cfg.preset}-{c.steps}steps") if track and rt.main else NoRun()
     with live:
         bins = torch.zeros(2 * N_BINS + 2, dtype=torch.float64)  # per-bin loss sums and counts, loss sum, step count
         t0 = time.time()
