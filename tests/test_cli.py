@@ -138,3 +138,22 @@ def test_generate_several_prompts_and_a_file_without_overwriting(micro_exported,
     for i in range(6):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:03d}.png")), alone[i])
         assert np.array_equal(np.asarray(Image.open(out / f"{i + 6:03d}.png")), alone[i])
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from blossom.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    walk(child, f"{name} {sub}")
+            elif not action.help and action.dest != "help":
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "blossom")
+    assert missing == []

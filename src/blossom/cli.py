@@ -658,13 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=200"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs, and tracebacks for unexpected errors")
     p.add_argument("--version", action="version", version=f"blossom {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     sub_parsers = sub.choices
 
     s = sub.add_parser("data", help="write the data set (procedural flowers, or your image folder)")
-    s.add_argument("--source", choices=["synthetic", "folder", "oxford102"])
+    s.add_argument(
+        "--source",
+        choices=["synthetic", "folder", "oxford102"],
+        help="where the images come from (default: data.source)",
+    )
     s.add_argument(
         "--path",
         help="an image folder with metadata.jsonl (implies --source folder unless given), "
@@ -720,17 +724,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the job definition; submit nothing")
     s.set_defaults(fn=cmd_sagemaker)
     s = sub.add_parser("app", help="serve the web app (Streamlit) on http://127.0.0.1:8501")
-    s.add_argument("--port", type=int, default=8501)
-    s.add_argument("--address", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8501, help="the port to serve on (default 8501)")
+    s.add_argument(
+        "--address", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)"
+    )
     s.add_argument("--model", help="model folder to serve (default: the published one in outputs/hub)")
     s.set_defaults(fn=cmd_app)
     s = sub.add_parser("generate", help="generate images for one or more prompts")
     s.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     s.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line, after any given above")
     s.add_argument("--n", type=int, default=1, help="images per prompt")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--guidance", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument(
+        "--steps", type=int, help="sampler steps (default: sample.steps; a distilled model's own with --fast)"
+    )
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
+    s.add_argument(
+        "--seed", type=int, help="the first image's seed; each further image takes the next (default: sample.seed)"
+    )
     s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
     s.add_argument(
         "--backend",
@@ -750,7 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the distilled few-step model (the folder's fast/, or outputs/distill/model): 4 steps by default",
     )
-    s.add_argument("--out", default="outputs/generated")
+    s.add_argument(
+        "--out", default="outputs/generated", help="folder for the PNGs, numbered on after any already there"
+    )
     s.set_defaults(fn=cmd_generate)
     sub.add_parser("run", help="the whole job without DVC: data to publish").set_defaults(fn=cmd_run)
     # The global options work after the sub-command too (blossom train --set train.steps=5); kept
