@@ -26,7 +26,7 @@ test-tools:
 	@test -x /usr/bin/chromium -a -x /usr/bin/qemu-x86_64 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium qemu-user >/dev/null; }
 
-LINTED := src tests benchmarks app space
+LINTED := src tests benchmarks space
 
 test: install test-tools
 	$(BIN)/ruff format --check -q $(LINTED)

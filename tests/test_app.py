@@ -13,7 +13,7 @@ from blossom.backends import load_backend
 from blossom.cpu import has_vnni
 from blossom.sampling import sample
 
-APP = str(PARAMS.parent / "app" / "streamlit_app.py")
+APP = str(PARAMS.parent / "src" / "blossom" / "app_entry.py")  # the script `blossom app` runs
 
 
 def page(monkeypatch, **env) -> AppTest:

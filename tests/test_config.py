@@ -114,7 +114,8 @@ def test_a_bare_no_written_by_yaml_1_2_tools_still_means_no(tmp_path):
 def test_accelerate_launch_options_are_honoured_or_refused(env, train, result):
     import dataclasses
 
-    from blossom.config import LaunchEnv, with_launcher
+    from blossom.config import with_launcher
+    from blossom.env import LaunchEnv
 
     cfg = Config()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
@@ -127,9 +128,23 @@ def test_accelerate_launch_options_are_honoured_or_refused(env, train, result):
 
 
 def test_launch_env_reads_accelerates_variables(monkeypatch):
-    from blossom.config import launch_env
+    from blossom.env import launch_env
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     env = launch_env()
     assert env.mixed_precision == "fp16" and env.use_deepspeed
+
+
+def test_choice_fields_are_typed_and_the_sampler_choices_are_the_samplers():
+    import typing
+
+    from blossom.config import SampleConfig
+    from blossom.sampling import SAMPLERS
+
+    assert typing.get_args(typing.get_type_hints(SampleConfig)["sampler"]) == SAMPLERS
+    with pytest.raises(
+        ConfigError, match=r"^data.source must be one of 'synthetic', 'folder' or 'oxford102', got 'ftp'$"
+    ):
+        load_config(PARAMS, overrides=["data.source=ftp"])
+    assert load_config(PARAMS, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"

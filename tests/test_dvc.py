@@ -16,53 +16,13 @@ import yaml
 from conftest import MICRO, PARAMS
 
 from blossom.config import Config, _set, parse_override
+from blossom.stages import STAGES
 
 ROOT = PARAMS.parent
 DVC = str(Path(sys.executable).parent / "dvc")
 
 # The config sections each stage reads (whole sections) or single keys of other sections.
-STAGE_READS = {
-    "data": ["data", "caption"],
-    "push-data": ["remote"],
-    "train-vae": ["vae", "data.image_size", "train.seed"],
-    "cache": ["text", "data.image_size", "vae.pretrained"],
-    "train": ["unet", "train", "text", "data.image_size", "vae.pretrained"],
-    "classifier": [
-        "data.image_size",
-        "evaluate.classifier_train_size",
-        "evaluate.classifier_test_size",
-        "evaluate.classifier_epochs",
-    ],
-    "evaluate": [
-        "sample",
-        "data.source",
-        "evaluate.images_per_pair",
-        "evaluate.batch_size",
-        "evaluate.real_images",
-        "evaluate.inception",
-        "evaluate.clip",
-    ],
-    "promote": ["tracking.uri", "tracking.experiment", "tracking.model_name", "tracking.promote_tolerance"],
-    "distill": [
-        "distill",
-        "train.mixed_precision",
-        "train.deepspeed",
-        "train.grad_clip",
-        "text",
-        "data.image_size",
-        "data.random_flip",
-        "data.source",
-        "sample.guidance",
-        "sample.seed",
-        "evaluate.images_per_pair",
-        "evaluate.batch_size",
-        "tracking.uri",
-        "tracking.experiment",
-        "tracking.model_name",
-    ],
-    "export": ["sample.sampler", "sample.steps", "sample.guidance"],
-    "publish": ["publish"],
-}
+STAGE_READS = {s.name: list(s.reads) for s in STAGES}
 
 
 def _keys(entry: str) -> list[str]:

@@ -7,30 +7,19 @@ needs no imports of its own and sees exactly what a stage's code can reach.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import yaml
 
+from blossom.stages import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "blossom"
 
-# The modules each stage's command runs (cli.cmd_<stage> parses arguments and calls them; report
-# writes the metrics and plots DVC reads). cli.py
-# itself is left out of the deps on purpose: listing it would rerun the whole pipeline for a
-# help-text edit.
-STAGE_MODULES = {
-    "data": ["blossom.data.sources"],
-    "push-data": ["blossom.datastore"],
-    "train-vae": ["blossom.train.autoencoder", "blossom.report"],
-    "cache": ["blossom.data.cache", "blossom.models", "blossom.train.distributed"],
-    "classifier": ["blossom.classifier"],
-    "train": ["blossom.train.diffusion", "blossom.report"],
-    "evaluate": ["blossom.evaluate", "blossom.backends", "blossom.report"],
-    "promote": ["blossom.tracking"],
-    "distill": ["blossom.train.distill", "blossom.evaluate", "blossom.backends", "blossom.tracking", "blossom.report"],
-    "export": ["blossom.export", "blossom.report"],
-    "publish": ["blossom.publish"],
-}
+# The modules each stage's command runs (stages.py; cli.py itself is left out of the deps on
+# purpose: listing it would rerun the whole pipeline for a help-text edit).
+STAGE_MODULES = {s.name: list(s.modules) for s in STAGES}
 
 
 def modules() -> dict[str, Path]:
@@ -112,7 +101,7 @@ def test_each_stage_depends_on_exactly_the_code_it_runs():
     graph = import_graph()
     for name, stage in stages.items():
         listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/")}
-        assert listed == source_files(closure(graph, STAGE_MODULES[name])), name
+        assert listed == source_files(closure(graph, STAGE_MODULES[name])), f"{name}: run python tests/test_layout.py"
 
 
 def test_editing_a_module_makes_exactly_its_stages_stale():
@@ -123,3 +112,23 @@ def test_editing_a_module_makes_exactly_its_stages_stale():
         path = source_files({module}).pop()
         using = {s for s, st in stages.items() if path in st.get("deps", [])}
         assert using == {s for s in STAGE_MODULES if module in closure(graph, STAGE_MODULES[s])}, module
+
+
+def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's src/ deps in dvc.yaml from the import closure, keeping the rest of the
+    text (comments included): `python tests/test_layout.py` after changing imports."""
+    graph, lines, out, stage = import_graph(), path.read_text().splitlines(), [], None
+    for line in lines:
+        if m := re.match(r"^  ([a-z-]+):", line):
+            stage = m.group(1)
+        if line.startswith("      - src/blossom/"):
+            if out[-1].startswith("      - src/blossom/"):
+                continue
+            out += [f"      - {f}" for f in sorted(source_files(closure(graph, STAGE_MODULES[stage])))]
+            continue
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    write_code_deps()

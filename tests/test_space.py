@@ -73,5 +73,5 @@ def test_staged_space_serves_the_model_with_onnx_runtime(tmp_path, micro_exporte
 def test_a_hub_model_that_cannot_be_downloaded_is_a_message(monkeypatch):
     monkeypatch.setenv("HF_MODEL_REPO", "someone/blossom-flowers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(ROOT / "src" / "blossom" / "app_entry.py"), default_timeout=60).run()
     assert not at.exception and "Could not download the model" in at.error[0].value

@@ -146,7 +146,8 @@ def test_fp16_scales_small_gradients_that_would_underflow():
     """Without a scaler, fp16 activations' gradients of a tiny loss flush to zero; with it they reach the weights."""
     import dataclasses
 
-    from blossom.config import LaunchEnv, TrainConfig
+    from blossom.config import TrainConfig
+    from blossom.env import LaunchEnv
     from blossom.train import distributed
 
     def grads(precision: str) -> torch.Tensor:

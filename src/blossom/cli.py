@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blossom.config import Config, launch_env, load_config, save_config
+from blossom.config import Config, load_config, save_config
+from blossom.env import launch_env
 from blossom.errors import BlossomError, ConfigError, first_line
+from blossom.stages import STAGES
 
 log = logging.getLogger("blossom")
 
@@ -407,7 +409,7 @@ def cmd_export(cfg: Config, paths: Paths, args) -> dict:
 
 
 def cmd_publish(cfg: Config, paths: Paths, args) -> dict:
-    from blossom.config import hub_access
+    from blossom.env import hub_access
     from blossom.fsutil import write_json
     from blossom.publish import publish
 
@@ -572,6 +574,11 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     print(f"generate: {total} image(s) -> {out} ({first:03d}.png to {first + total - 1:03d}.png)")
 
 
+def stage_command(name: str):
+    """The function behind `blossom <stage>`: cmd_<stage>."""
+    return globals()[f"cmd_{name.replace('-', '_')}"]
+
+
 def cmd_run(cfg: Config, paths: Paths, args) -> None:
     """The whole job without DVC: data -> ... -> publish, with the time of each stage."""
     from blossom.fsutil import write_json
@@ -587,18 +594,11 @@ def cmd_run(cfg: Config, paths: Paths, args) -> None:
         no_register=False,
         if_enabled=True,
     )
-    for name, fn in (
-        ("data", cmd_data),
-        ("train-vae", cmd_train_vae),
-        ("cache", cmd_cache),
-        ("train", cmd_train),
-        ("classifier", _classifier_unless_current),
-        ("evaluate", cmd_evaluate),
-        ("promote", cmd_promote),
-        ("distill", cmd_distill),
-        ("export", cmd_export),
-        ("publish", cmd_publish),
-    ):
+    for stage in STAGES:
+        if not stage.in_run:
+            continue
+        name = stage.name
+        fn = _classifier_unless_current if name == "classifier" else stage_command(name)
         start = time.time()
         print(f"== {name}", flush=True)
         fn(cfg, paths, stage_args)
@@ -612,7 +612,7 @@ def cmd_sagemaker(cfg: Config, paths: Paths, args) -> dict:
     import json
     import shlex
 
-    from blossom.config import aws_credentials_present
+    from blossom.env import aws_credentials_present
     from blossom.sagemaker import job_definition, missing_for_submit, submit
 
     overrides = [shlex.quote(o) for o in args.set if not o.startswith("outputs=")]
@@ -663,7 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     sub_parsers = sub.choices
 
-    s = sub.add_parser("data", help="write the data set (procedural flowers, or your image folder)")
+    stage = {}  # one verb per pipeline stage, in the pipeline's order (stages.py)
+    for st in STAGES:
+        stage[st.name] = sub.add_parser(st.name, help=st.summary)
+        stage[st.name].set_defaults(fn=stage_command(st.name))
+    s = stage["data"]
     s.add_argument(
         "--source",
         choices=["synthetic", "folder", "oxford102"],
@@ -674,7 +678,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image folder with metadata.jsonl (implies --source folder unless given), "
         "or the Oxford 102 folder with --source oxford102",
     )
-    s.set_defaults(fn=cmd_data)
     s = sub.add_parser("caption", help="caption the images in a folder that have no caption (resumable)")
     s.add_argument(
         "folder",
@@ -683,43 +686,26 @@ def build_parser() -> argparse.ArgumentParser:
         "new captions goes to outputs/captions/",
     )
     s.set_defaults(fn=cmd_caption)
-    sub.add_parser("push-data", help="push the data set to the DVC remote (remote.url)").set_defaults(fn=cmd_push_data)
     sub.add_parser("pull-data", help="fetch the data set from the DVC remote into outputs/data").set_defaults(
         fn=cmd_pull_data
     )
-    sub.add_parser("train-vae", help="train the small VAE (skipped when vae.pretrained is set)").set_defaults(
-        fn=cmd_train_vae
-    )
-    sub.add_parser("cache", help="encode latents and text embeddings once").set_defaults(fn=cmd_cache)
     s = sub.add_parser("push-cache", help="write the cache to object storage, for training that streams it")
     s.add_argument("--to", metavar="URL", help="s3://bucket/prefix (default: train.cache_url)")
     s.set_defaults(fn=cmd_push_cache)
-    s = sub.add_parser("train", help="train the diffusion UNet on the cache")
-    s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
-    s.set_defaults(fn=cmd_train)
-    sub.add_parser("classifier", help="train the attribute classifier that scores prompt adherence").set_defaults(
-        fn=cmd_classifier
+    stage["train"].add_argument(
+        "--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder"
     )
-    sub.add_parser("evaluate", help="validation loss, prompt adherence and a sample grid").set_defaults(fn=cmd_evaluate)
-    sub.add_parser(
-        "promote", help="log the run to MLflow; promote it to champion if its val loss is better"
-    ).set_defaults(fn=cmd_promote)
-    s = sub.add_parser("distill", help="distil the champion into a 1-8 step student (latent consistency)")
+    s = stage["distill"]
     s.add_argument("--teacher", help="model folder to distil (default: outputs/champion)")
     s.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder")
     s.add_argument("--no-register", action="store_true", help="score the student but log nothing to MLflow")
     s.add_argument("--if-enabled", action="store_true", help="do nothing unless distill.enabled (the DVC stage)")
-    s.set_defaults(fn=cmd_distill)
-    s = sub.add_parser("export", help="the champion as a diffusers pipeline folder and ONNX graphs, checked")
+    s = stage["export"]
     s.add_argument("--model", help="model folder to export (default: outputs/champion)")
     s.add_argument("--fast-model", help="a distilled student to export beside it (default: outputs/distill/model)")
     s.add_argument(
         "--calibration", help="image folder whose captions calibrate the int8 graphs (default: outputs/data/val)"
     )
-    s.set_defaults(fn=cmd_export)
-    sub.add_parser(
-        "publish", help="the exported model to the Hub (publish.repo_id + HF_TOKEN) or outputs/hub/"
-    ).set_defaults(fn=cmd_publish)
     s = sub.add_parser("sagemaker", help="submit training as a SageMaker job (spot, multi-node, resumable)")
     s.add_argument("--dry-run", action="store_true", help="print the job definition; submit nothing")
     s.set_defaults(fn=cmd_sagemaker)

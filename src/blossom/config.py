@@ -2,36 +2,36 @@
 
 The base sections of params.yaml are the `tiny` preset; other presets are blocks of overrides
 under `presets:`. Validation is strict: an unknown key or a value of the wrong type is a
-one-line error naming the key. This is the only module that reads environment variables.
+one-line error naming the key. Environment variables are read in env.py and arrive here as values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from blossom.errors import ConfigError
+from blossom.env import LaunchEnv, overrides_from_env
+from blossom.errors import ConfigError, first_line
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder | oxford102
+    source: Literal["synthetic", "folder", "oxford102"] = "synthetic"
     path: str | None = None  # image folder with metadata.jsonl (folder), or the Oxford 102 download (oxford102)
     image_size: int = 64
     train_size: int = 12000
     val_size: int = 512
     seed: int = 0
-    resize: str = "crop"  # crop (short side, centre crop) | squash (the original's) | pad
-    small_images: str = "upscale"  # images smaller than image_size: upscale | skip
+    resize: Literal["crop", "squash", "pad"] = "crop"  # crop: short side, centre crop; squash: the original's
+    small_images: Literal["upscale", "skip"] = "upscale"  # images smaller than image_size
     max_pixels: int = 64_000_000  # larger images are skipped without decoding (decompression-bomb guard)
     workers: int = 0  # image decoding processes; 0: one per core
     random_flip: bool = True  # train on mirrored images half the time (their latents are cached too)
@@ -85,10 +85,10 @@ class TrainConfig:
     ema_power: float = 0.75  # EMA warmup: decay = 1 - (1 + step)^-power, capped at ema_decay
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     min_snr_gamma: float | None = 5.0
     cfg_dropout: float = 0.1
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     val_every: int = 250
     log_every: int = 25
@@ -96,17 +96,17 @@ class TrainConfig:
     # Under torchrun / accelerate launch: DDP by default; a DeepSpeed JSON (configs/deepspeed_zero2.json)
     # switches to DeepSpeed ZeRO. Its batch size, clipping and precision are filled in from this section.
     deepspeed: str | None = None
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16: GPUs without bf16 (with a gradient scaler)
     # The order samples are read in: random (drawn with replacement) or shards (epochs over the
     # shuffled cache shards, dealt to `lanes` streams: what reading from object storage needs).
-    order: str = "random"
+    order: Literal["random", "shards"] = "random"
     lanes: int = 8
     cache_url: str | None = None  # s3://bucket/prefix of a cache `blossom push-cache` wrote: train streams it
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "unipc"
+    sampler: Literal["ddim", "dpm++2m", "unipc", "euler", "ddpm"] = "unipc"  # sampling.SAMPLERS
     steps: int = 15
     guidance: float = 5.0
     seed: int = 0
@@ -164,7 +164,7 @@ class TrackingConfig:
 class CaptionConfig:
     # Images without a caption get one from `template` (their label or folder name; offline) or
     # `florence2` (any transformers image-to-text model folder or hub id, Florence-2 by default).
-    backend: str = "template"
+    backend: Literal["template", "florence2"] = "template"
     template: str = "a photo of a {label}"
     model: str = "florence-community/Florence-2-base"
     task: str = "<DETAILED_CAPTION>"
@@ -245,6 +245,14 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if errors else ConfigError(f"config key '{key}' must not be null")
+    if origin is Literal:  # a choice: the type says which values there are
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool):
+            value = _check_type(value, str, key)  # YAML 1.1's `no` is false: mixed_precision: no
+        if value not in allowed:
+            listed = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+            raise ConfigError(f"{key} must be one of {listed}, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
@@ -308,7 +316,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}): "
+            f"--set {item!r}: the value is not valid YAML ({first_line(e, 200)}): "
             "write lists like [1,2,3] and quote strings with special characters"
         ) from None
 
@@ -324,13 +332,14 @@ def load_config(
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+            raise ConfigError(f"{path} is not valid YAML ({first_line(e, 200)}): fix the syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must be a mapping of sections")
     elif explicit:
         raise ConfigError(f"config file {path} not found: pass an existing --params file")
     presets = raw.pop("presets", {}) or {}
-    name = preset or os.environ.get("BLOSSOM_PRESET") or raw.get("preset", "tiny")
+    env = overrides_from_env()
+    name = preset or env.get("preset") or raw.get("preset", "tiny")
     if name != "tiny":
         if name not in presets:
             choices = ", ".join(["tiny", *presets]) or "tiny"
@@ -340,10 +349,10 @@ def load_config(
     for item in overrides or []:
         key, value = parse_override(item)
         _set(raw, key, value)
-    if "BLOSSOM_OUTPUTS" in os.environ:
-        raw["outputs"] = os.environ["BLOSSOM_OUTPUTS"]
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        raw.setdefault("tracking", {})["uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    if "outputs" in env:
+        raw["outputs"] = env["outputs"]
+    if "tracking_uri" in env:
+        raw.setdefault("tracking", {})["uri"] = env["tracking_uri"]
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
@@ -418,18 +427,10 @@ def validate(cfg: Config) -> None:
     ):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
-    if cfg.data.source not in ("synthetic", "folder", "oxford102"):
-        raise ConfigError(f"data.source must be 'synthetic', 'folder' or 'oxford102', got {cfg.data.source!r}")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(
             f"data.source is '{cfg.data.source}' but data.path is empty: set data.path to your image folder"
         )
-    for key, value, allowed in (
-        ("data.resize", cfg.data.resize, ("crop", "squash", "pad")),
-        ("data.small_images", cfg.data.small_images, ("upscale", "skip")),
-    ):
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     # The Hub's repo id rules (namespace/name of letters, digits, '-', '_', '.'), which also keep the
     # local copy's folder name (outputs/hub/namespace--name) inside outputs/hub.
     repo = cfg.publish.repo_id
@@ -440,8 +441,6 @@ def validate(cfg: Config) -> None:
             f"publish.repo_id {repo!r} is not a Hub repo id: write it as namespace/name, e.g. "
             "you/blossom-flowers (letters, digits, '-', '_', '.')"
         )
-    if cfg.caption.backend not in ("template", "florence2"):
-        raise ConfigError(f"caption.backend must be 'template' or 'florence2', got {cfg.caption.backend!r}")
     for key, value in (
         ("remote.url", cfg.remote.url),
         ("remote.endpoint", cfg.remote.endpoint),
@@ -449,10 +448,6 @@ def validate(cfg: Config) -> None:
     ):
         if value and re.search(r"//[^/@\s]+:[^/@\s]*@", value) and not _from_env(key, value):
             raise ConfigError(f"{key} holds a password: remove it and put credentials in environment variables")
-    if cfg.train.prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(
-            f"train.prediction_type must be 'epsilon' or 'v_prediction', got {cfg.train.prediction_type!r}"
-        )
     if not 0 <= cfg.train.cfg_dropout < 1:
         raise ConfigError(f"train.cfg_dropout must be in [0, 1), got {cfg.train.cfg_dropout}")
     if len(cfg.unet.down_block_types) != len(cfg.unet.block_out_channels) or len(cfg.unet.up_block_types) != len(
@@ -461,15 +456,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "unet.down_block_types, unet.up_block_types and unet.block_out_channels must have one entry per level"
         )
-    if cfg.train.order not in ("random", "shards"):
-        raise ConfigError(f"train.order must be 'random' or 'shards', got {cfg.train.order!r}")
     if cfg.train.cache_url is not None:
         if not str(cfg.train.cache_url).startswith("s3://"):
             raise ConfigError(f"train.cache_url must be an s3://bucket/prefix URL, got {cfg.train.cache_url!r}")
         if cfg.train.order != "shards":
             raise ConfigError("train.cache_url streams the cache shard by shard: set train.order to shards")
-    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.train.mixed_precision!r}")
     d = cfg.distill
     if not 1 <= d.guidance_min <= d.guidance_max:
         raise ConfigError(
@@ -497,37 +488,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
 
 
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in a torchrun / accelerate launch (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    restart_count: int = 0  # torchrun --max-restarts: how many times this worker group was restarted
-    launched: bool = False  # started by torchrun / accelerate launch (even as a single process)
-    mixed_precision: str | None = None  # accelerate launch --mixed_precision
-    use_deepspeed: bool = False  # accelerate launch --use_deepspeed
-
-
-def launch_env() -> LaunchEnv:
-    def num(name: str, default: int) -> int:
-        return int(os.environ.get(name) or default)
-
-    world = num("WORLD_SIZE", 1)
-    return LaunchEnv(
-        num("RANK", 0),
-        world,
-        num("LOCAL_RANK", 0),
-        num("LOCAL_WORLD_SIZE", world),
-        num("TORCHELASTIC_RESTART_COUNT", 0),
-        "LOCAL_RANK" in os.environ,
-        os.environ.get("ACCELERATE_MIXED_PRECISION") or None,
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
-    )
-
-
 def with_launcher(cfg: Config, launch: LaunchEnv) -> Config:
     """What `accelerate launch --mixed_precision / --use_deepspeed` asked for, checked against the config."""
     wanted = launch.mixed_precision
@@ -548,57 +508,8 @@ def with_launcher(cfg: Config, launch: LaunchEnv) -> Config:
     return cfg
 
 
-@dataclass(frozen=True)
-class HubAccess:
-    """Hugging Face Hub settings from the environment; kept out of Config so they are never saved."""
-
-    token: str | None
-    offline: bool
-    endpoint: str
-
-
-def hub_access() -> HubAccess:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    return HubAccess(
-        os.environ.get("HF_TOKEN") or None, offline, os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    )
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    hub_repo: str | None  # HF_MODEL_REPO: serve this Hub model repo
-    model_dir: str | None  # BLOSSOM_MODEL: serve this local folder
-    outputs: str  # where to look for the published model otherwise
-
-
-def app_settings() -> AppSettings:
-    return AppSettings(
-        os.environ.get("HF_MODEL_REPO") or None,
-        os.environ.get("BLOSSOM_MODEL") or None,
-        os.environ.get("BLOSSOM_OUTPUTS", "outputs"),
-    )
-
-
-def aws_credentials_present() -> bool:
-    """Whether boto3 could find credentials in the environment (keys, a profile, or a web identity)."""
-    return any(
-        os.environ.get(k)
-        for k in (
-            "AWS_ACCESS_KEY_ID",
-            "AWS_PROFILE",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        )
-    )
-
-
-def sagemaker_model_dir() -> str | None:
-    """Inside a SageMaker job: the folder whose contents become model.tar.gz."""
-    return os.environ.get("SM_MODEL_DIR") or None
-
-
 def _from_env(key: str, value: str) -> bool:
-    return key == "tracking.uri" and value == os.environ.get("MLFLOW_TRACKING_URI")
+    return key == "tracking.uri" and value == overrides_from_env().get("tracking_uri")
 
 
 def redact(text: str) -> str:

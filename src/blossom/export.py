@@ -21,6 +21,7 @@ import torch
 
 from blossom.errors import ModelError
 from blossom.fsutil import atomic_dir, write_json
+from blossom.images import psnr
 from blossom.layout import ONNX_FILES
 from blossom.sampling import guidance_embedding
 
@@ -243,8 +244,7 @@ def _move_graph(src: Path, dst: Path) -> None:
 def int8_psnr(fp32, int8) -> float:
     """How far int8 moves a guided sample, in dB (recorded, not checked: int8 is meant to differ;
     benchmarks/precision.py measures what it costs in adherence)."""
-    a, b = (guided_sample(x).clamp(-1, 1) for x in (fp32, int8))
-    return float(10 * torch.log10(4 / (a - b).pow(2).mean().clamp(min=1e-12)))  # range 2: images in [-1, 1]
+    return psnr(guided_sample(fp32), guided_sample(int8))
 
 
 def export(

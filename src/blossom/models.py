@@ -119,7 +119,7 @@ def load_text_encoder(cfg: TextConfig, tokenizer_path: str | Path | None = None)
         else:
             model = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load text encoder from {path}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load text encoder from {path}: {first_line(e, 200)}") from None
     model.requires_grad_(False).eval()
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.max_tokens > positions:
@@ -161,7 +161,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
         vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(
-            f"{path} is not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]}): "
+            f"{path} is not a diffusers AutoencoderKL folder ({first_line(e)}): "
             "point vae.pretrained at one (config.json + diffusion_pytorch_model.safetensors)"
         ) from None
     return vae.requires_grad_(False).eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from blossom.config import PublishConfig
-from blossom.errors import BlossomError
+from blossom.errors import BlossomError, first_line
 from blossom.fsutil import atomic_dir, write_text
 from blossom.stats import adherence_note, adherence_table
 
@@ -285,7 +285,7 @@ def publish(
         api.create_repo(repo_id, private=cfg.private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(local), commit_message="blossom publish")
     except Exception as e:  # httpx / HfHubHTTPError: say what failed, keep the token out of it
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         raise PublishError(
             f"uploading to the Hub repo {repo_id} failed ({first.replace(token, '***')}): "
             f"check HF_TOKEN's write access and the network; the local copy is at {local}"

@@ -10,7 +10,6 @@ column `image` of base64-encoded PNGs.
 from __future__ import annotations
 
 import base64
-import io
 
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -21,11 +20,9 @@ FAST_PARAMS = {**PARAMS, "sampler": "lcm", "steps": 4}  # a distilled (`fast`) m
 
 
 def png_base64(image) -> str:
-    from PIL import Image
+    from blossom.images import png_bytes
 
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 class TextToImage(PythonModel):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from blossom import cli
-    from blossom.config import launch_env, load_config, sagemaker_model_dir
+    from blossom.config import load_config
+    from blossom.env import launch_env, sagemaker_model_dir
+    from blossom.stages import needed_by
     from blossom.train.distributed import Runtime
 
     parser = argparse.ArgumentParser()
@@ -30,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     paths, launch = cli.Paths(cfg.out), launch_env()
     ready = paths.cache / "index.json"
     if launch.local_rank == 0 and not ready.exists():
-        stage = argparse.Namespace(source=None, path=None)
-        cli.cmd_data(cfg, paths, stage)
-        if not cfg.vae.pretrained:
-            cli.cmd_train_vae(cfg, paths, stage)
-        cli.cmd_cache(cfg, paths, stage, Runtime())  # this process alone: the others wait below
+        options = argparse.Namespace(source=None, path=None)
+        for stage in needed_by("train"):  # what training reads: data, VAE, cache
+            if stage.name == "cache":
+                cli.cmd_cache(cfg, paths, options, Runtime())  # this process alone: the others wait below
+            else:
+                cli.stage_command(stage.name)(cfg, paths, options)
     while not ready.exists():
         time.sleep(5)
     cmd = ["--params", str(params), *(["--preset", args.preset] if args.preset else [])]

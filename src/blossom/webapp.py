@@ -2,22 +2,21 @@
 
 Models load once per process (`st.cache_resource`); everything a generation changes (scheduler,
 random generators, latents) is created inside `sampling.sample` for that one call, so visitors
-share no mutable state. Run it with `blossom app`, or `streamlit run app/streamlit_app.py`.
+share no mutable state. Run it with `blossom app` (Streamlit runs app_entry.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import time
 from pathlib import Path
 
 import streamlit as st
-from PIL import Image
 
-from blossom.config import app_settings
-from blossom.errors import BlossomError
+from blossom.env import app_settings
+from blossom.errors import BlossomError, first_line
+from blossom.images import png_bytes
 from blossom.sampling import FAST_SAMPLER, SAMPLERS
 from blossom.stats import adherence_table
 
@@ -118,12 +117,6 @@ def token_count(backend, prompt: str) -> int:
     return count_tokens(getattr(backend, "tokenizer", None) or backend.text_encoder.tokenizer, prompt)
 
 
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="png")
-    return buf.getvalue()
-
-
 def model_label(folder: Path) -> str:
     """What visitors see of the model's location: the Hub repo id, or the folder's name, never the
     server's paths."""
@@ -163,7 +156,7 @@ def main() -> None:
     try:
         folder = find_model()
     except Exception as e:  # a Hub download that failed: say so on the page
-        st.error(f"Could not download the model: {str(e).splitlines()[0][:200]}. Check HF_MODEL_REPO and the network.")
+        st.error(f"Could not download the model: {first_line(e, 200)}. Check HF_MODEL_REPO and the network.")
         return
     if folder is None:
         no_model_page()
@@ -224,7 +217,7 @@ def main() -> None:
     except (
         Exception
     ) as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300)
         st.error(f"The model {model_label(folder)} cannot be loaded: {first}")
         return
 
@@ -267,7 +260,7 @@ def generate(
     except Exception as e:  # whatever else fails, the visitor gets a sentence, not a traceback
         bar.empty()
         st.error(
-            f"Generation failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+            f"Generation failed ({type(e).__name__}: {first_line(e, 200, default='')}). "
             "Try again; if it keeps failing, the model folder may be damaged."
         )
         return

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from blossom.config import CaptionConfig
 from blossom.data.ingest import decode_line
-from blossom.errors import DataError, ModelError
+from blossom.errors import DataError, ModelError, first_line
 from blossom.fsutil import inside, write_text
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ModelCaptioner:
             self.processor = AutoProcessor.from_pretrained(cfg.model)
             self.model = AutoModelForImageTextToText.from_pretrained(cfg.model).eval()
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:160]
+            first = first_line(e)
             raise ModelError(
                 f"cannot load the captioning model {cfg.model!r} ({first}): set caption.model to a local folder "
                 "with its weights, or caption.backend=template"

@@ -7,7 +7,6 @@ rotated, upscaled or skipped), counted, and reported in one summary line; nothin
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from blossom.images import png_bytes
 
 # Why an image was skipped, or what was done to it; the summary line reads these in this order.
 SKIPS = ("missing", "unreadable", "too large", "too small")
@@ -103,18 +104,11 @@ def _fit(im: Image.Image, policy: Policy) -> Image.Image:
     return ImageOps.fit(im, size, Image.Resampling.BICUBIC)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="png", compress_level=1)
-    return buf.getvalue()
-
-
 def _prepare_many(args: tuple[list[Path], Policy]) -> list[tuple[bytes | None, str | None, list[str]]]:
     paths, policy = args
     # PNG-encoded in the worker: encoding in the parent would make it the bottleneck at larger sizes.
-    return [
-        (png_bytes(a) if a is not None else None, skip, fixes) for a, skip, fixes in (prepare(p, policy) for p in paths)
-    ]
+    prepared = (prepare(p, policy) for p in paths)
+    return [(png_bytes(a, compress_level=1) if a is not None else None, skip, fixes) for a, skip, fixes in prepared]
 
 
 def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):

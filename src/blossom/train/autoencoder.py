@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -16,15 +15,10 @@ from tqdm import tqdm
 from blossom.config import Config
 from blossom.data.folder import load_images, read_metadata
 from blossom.fsutil import atomic_dir, write_json
-from blossom.images import to_tensor, to_uint8
+from blossom.images import psnr, to_tensor, to_uint8
 from blossom.models import build_vae, n_params
 
 log = logging.getLogger(__name__)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
-    return 10 * math.log10(1 / max(mse, 1e-10))
 
 
 @torch.no_grad()

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from blossom.config import Config, LaunchEnv, save_config
+from blossom.config import Config, save_config
 from blossom.data.cache import CacheSplit, cache_index, check_cache
 from blossom.data.stream import ShardOrder, check_lanes
+from blossom.env import LaunchEnv
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
 from blossom.memory import check_room, step_floor
 from blossom.mlflow_run import LiveRun, NoRun, row_metrics

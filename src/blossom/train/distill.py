@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from blossom.config import Config, LaunchEnv, save_config
+from blossom.config import Config, save_config
 from blossom.data.cache import CacheSplit, cache_index, check_cache
+from blossom.env import LaunchEnv
 from blossom.errors import BlossomError, ModelError
 from blossom.fsutil import atomic_dir, write_json, write_text
 from blossom.memory import check_room, step_floor

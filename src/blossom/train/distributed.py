@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from blossom.config import LaunchEnv, TrainConfig
+from blossom.config import TrainConfig
+from blossom.env import LaunchEnv
 from blossom.errors import ConfigError
 
 
