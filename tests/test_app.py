@@ -97,11 +97,12 @@ def test_bad_input_is_a_message_on_the_page(monkeypatch, micro_exported):
     assert at.session_state["result"]["summary"].startswith("1 image(s)")
 
 
-def test_a_broken_model_folder_is_an_error_not_a_traceback(monkeypatch, micro_exported, tmp_path):
+@pytest.mark.parametrize("damaged", ["onnx/unet.opt.onnx", "blossom.json"])
+def test_a_broken_model_folder_is_an_error_not_a_traceback(monkeypatch, micro_exported, tmp_path, damaged):
     _, folder, _ = micro_exported
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
-    (broken / "onnx" / "unet.opt.onnx").write_bytes(b"garbage")
+    (broken / damaged).write_bytes(b"garbage")
     at = page(monkeypatch, BLOSSOM_MODEL=broken)
     assert "cannot be loaded" in at.error[0].value and "export it again" in at.error[0].value
 

@@ -73,6 +73,18 @@ def row_metrics(row: dict) -> dict[str, float]:
     return values
 
 
+def continues(client, run_id: str, experiment_id: str) -> bool:
+    """Whether run_id is a live run of this experiment in this store, to log on into."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException:  # another store than the one the run was started in
+        log.warning("MLflow run %s is not in %s: it goes on in a new run", run_id, redact(client.tracking_uri))
+        return False
+    return info.lifecycle_stage == "active" and info.experiment_id == experiment_id
+
+
 class LiveRun:
     """Rank 0's MLflow run while training: it shows before the first step, metrics stream in as
     they are logged, and its status says how training ended (FINISHED; KILLED on Ctrl-C or SIGTERM,
@@ -97,7 +109,7 @@ class LiveRun:
             client = connect(self.cfg)
             experiment = mlflow.set_experiment(self.cfg.tracking.experiment)
             earlier = self.file.read_text().strip() if self.resumed and self.file.exists() else None
-            if earlier and self._continues(client, earlier, experiment.experiment_id):
+            if earlier and continues(client, earlier, experiment.experiment_id):
                 run = mlflow.start_run(run_id=earlier)
                 log.info("MLflow: continuing run %s", earlier)
             else:
@@ -109,19 +121,6 @@ class LiveRun:
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, _interrupted)
         return self
-
-    @staticmethod
-    def _continues(client, run_id: str, experiment_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            info = client.get_run(run_id).info
-        except MlflowException:  # another store than the one the run was started in
-            log.warning(
-                "MLflow run %s is not in %s: training goes on in a new run", run_id, redact(client.tracking_uri)
-            )
-            return False
-        return info.lifecycle_stage == "active" and info.experiment_id == experiment_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Never stops training: a tracking server that goes away costs the curves, not the model."""

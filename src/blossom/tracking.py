@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from blossom.config import Config, redact
-from blossom.mlflow_run import LiveRun, connect, flatten, guard, params_of, row_metrics
+from blossom.mlflow_run import connect, continues, flatten, guard, params_of, row_metrics
 from blossom.stats import flatten as numeric
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
         client = connect(cfg)
         experiment = mlflow.set_experiment(cfg.tracking.experiment)
         live = train_info.get("mlflow_run_id")
-        continued = bool(live) and LiveRun._continues(client, live, experiment.experiment_id)
+        continued = bool(live) and continues(client, live, experiment.experiment_id)
         run = (
             mlflow.start_run(run_id=live)
             if continued

@@ -52,8 +52,10 @@ def sampling_defaults(folder: Path) -> dict:
 
     from blossom.config import SampleConfig
 
-    path = folder / "blossom.json"
-    said = json.loads(path.read_text()).get("sample", {}) if path.exists() else {}
+    try:
+        said = dict(json.loads((folder / "blossom.json").read_text()).get("sample", {}))
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or damaged: loading the model says which
+        said = {}
     start = {**dataclasses.asdict(SampleConfig()), **said}
     if start["sampler"] not in SAMPLERS:  # a distilled model's own sampler: the fast switch shows it
         start["sampler"] = SampleConfig.sampler
