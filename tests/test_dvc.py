@@ -145,6 +145,19 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
     assert now["version"] == "3", f"12 steps should beat 4: {history}"
     assert history == sorted(history, reverse=True)  # the champion's loss never rises
 
+    # Editing a module makes exactly the stages whose code imports it stale, as DVC itself sees it.
+    from test_layout import STAGE_MODULES, closure, import_graph
+
+    assert json.loads(dvc(root, "status", "--json").stdout) == {}
+    graph = import_graph()
+    for module in ("blossom.sampling", "blossom.images", "blossom.data.cache", "blossom.env"):
+        path = root / "src" / Path(*module.split(".")).with_suffix(".py")
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        stale = set(json.loads(dvc(root, "status", "--json").stdout))
+        path.write_text(original)
+        assert stale == {s for s, mods in STAGE_MODULES.items() if module in closure(graph, mods)}, module
+
     # No credential from the environment in params, dvc.lock, saved configs, logs or the MLflow store.
     scanned = [
         root / "params.yaml",
