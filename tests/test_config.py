@@ -137,12 +137,11 @@ def test_launch_env_reads_accelerates_variables(monkeypatch):
 
 
 def test_choice_fields_are_typed_and_the_sampler_choices_are_the_samplers():
-    import typing
 
-    from blossom.config import SampleConfig
+    from blossom.config import SampleConfig, choices
     from blossom.sampling import SAMPLERS
 
-    assert typing.get_args(typing.get_type_hints(SampleConfig)["sampler"]) == SAMPLERS
+    assert choices(SampleConfig, "sampler") == SAMPLERS
     with pytest.raises(
         ConfigError, match=r"^data.source must be one of 'synthetic', 'folder' or 'oxford102', got 'ftp'$"
     ):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blossom.config import Config, load_config, save_config
+from blossom.config import Config, DataConfig, choices, load_config, save_config
 from blossom.env import launch_env
 from blossom.errors import BlossomError, ConfigError, first_line
 from blossom.stages import STAGES
@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage["data"]
     s.add_argument(
         "--source",
-        choices=["synthetic", "folder", "oxford102"],
+        choices=choices(DataConfig, "source"),
         help="where the images come from (default: data.source)",
     )
     s.add_argument(

@@ -488,12 +488,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size and vae.crop must be multiples of the VAE's downsampling factor {down}")
 
 
+def choices(section: type, key: str) -> tuple[str, ...]:
+    """The values a Literal-typed key takes, e.g. choices(DataConfig, "source"): one list for the
+    loader, the CLI and the launcher checks."""
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
 def with_launcher(cfg: Config, launch: LaunchEnv) -> Config:
     """What `accelerate launch --mixed_precision / --use_deepspeed` asked for, checked against the config."""
     wanted = launch.mixed_precision
     if wanted and wanted != cfg.train.mixed_precision:
-        if wanted not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"accelerate launch --mixed_precision {wanted}: blossom trains with no, bf16 or fp16")
+        if wanted not in (allowed := choices(TrainConfig, "mixed_precision")):
+            raise ConfigError(
+                f"accelerate launch --mixed_precision {wanted}: blossom trains with "
+                f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            )
         if cfg.train.mixed_precision != "no":
             raise ConfigError(
                 f"accelerate launch --mixed_precision {wanted} but train.mixed_precision is "
