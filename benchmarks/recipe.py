@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def cell(s: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--variant", action="append", required=True, help="NAME:key=value,key=value (NAME: = today's recipe)"
+        "--variant", action="append", required=True, help="NAME:key=value,key=[a,b] (NAME: = today's recipe)"
     )
     ap.add_argument("--outputs", default="outputs")
     ap.add_argument("--work", default="/tmp/blossom-recipe")
@@ -64,7 +65,8 @@ def main() -> None:
     rows = []
     for spec in args.variant:
         name, _, sets = spec.partition(":")
-        rows.append(run_variant(name, [s for s in sets.split(",") if s], Path(args.outputs), Path(args.work)))
+        sets = [s for s in re.split(r",(?![^\[]*\])", sets) if s]  # commas inside [..] belong to a list value
+        rows.append(run_variant(name, sets, Path(args.outputs), Path(args.work)))
     print(
         f"{'variant':<14} {'train min':>9} {'val loss':>9} "
         + " ".join(f"{label + ' held-out':>24}" for _, label in ATTRS[:2])

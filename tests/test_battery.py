@@ -212,6 +212,13 @@ CASES = [
     ("lr not a number", S("--set", "train.lr=fast", "train"), 2, "'train.lr' must be float"),
     ("lr nan", S("--set", "train.lr=nan", "train"), 2, "'train.lr' must be a finite number"),
     ("lr inf", S("--set", "train.lr=.inf", "train"), 2, "'train.lr' must be a finite number"),
+    ("unknown timestep sampling", S("--set", "train.timesteps=cosine", "train"), 2, "train.timesteps must be one of"),
+    (
+        "logit_std zero",
+        S("--set", "train.timesteps=logit_normal", "--set", "train.logit_std=0", "train"),
+        2,
+        "'train.logit_std' must be positive",
+    ),
     (
         "guidance nan in params",
         S("--set", "sample.guidance=nan", "generate", "x"),

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from blossom.data.cache import load_cache
-from blossom.train.diffusion import train_diffusion
+from blossom.train.diffusion import draw_timesteps, train_diffusion
 
 
 def test_cache_round_trip(micro_prepared):
@@ -168,3 +168,19 @@ def test_fp16_scales_small_gradients_that_would_underflow():
     assert plain is None or plain.abs().max() == 0  # underflowed
     assert scaled is not None and scaled.abs().max() > 0
     assert state["grad_scaler"]["scale"] > 1 and "grad_scaler" not in plain_state
+
+
+def test_logit_normal_timesteps_sit_in_the_middle_and_replay_from_the_generator():
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(timesteps="logit_normal", logit_mean=0.0, logit_std=1.0)
+    t = draw_timesteps(c, 1000, 20000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    assert abs(t.float().median().item() - 500) < 15  # sigmoid(0) = 0.5
+    middle = ((t >= 250) & (t < 750)).float().mean().item()
+    assert 0.70 < middle < 0.76  # P(|z| < logit(0.75) = 1.0986) = 0.728; uniform would give 0.5
+    assert torch.equal(t, draw_timesteps(c, 1000, 20000, torch.Generator().manual_seed(0)))
+    shifted = draw_timesteps(SimpleNamespace(**{**vars(c), "logit_mean": 1.0}), 1000, 20000, torch.Generator())
+    assert shifted.float().mean() > t.float().mean() + 100  # a positive mean leans to the noisy end
+    u = draw_timesteps(SimpleNamespace(timesteps="uniform"), 1000, 20000, torch.Generator().manual_seed(0))
+    assert abs(((u >= 250) & (u < 750)).float().mean().item() - 0.5) < 0.02

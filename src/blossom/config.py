@@ -59,7 +59,7 @@ class VAEConfig:
 
 @dataclass
 class UNetConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 64, 64])
     layers_per_block: int = 1
     down_block_types: list[str] = field(
         default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
@@ -87,6 +87,11 @@ class TrainConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     min_snr_gamma: float | None = 5.0
+    # Which noise levels a step trains on: uniform over the timesteps, or logit-normal (SD3, Esser
+    # et al. 2024), which spends the steps on the middle levels where layout and shape are decided.
+    timesteps: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     cfg_dropout: float = 0.1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -412,6 +417,7 @@ def validate(cfg: Config) -> None:
         "train.steps",
         "train.batch_size",
         "train.lr",
+        "train.logit_std",
         "train.lanes",
         "sample.steps",
         "distill.steps",

@@ -41,6 +41,18 @@ def target_for(sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) ->
     return noise
 
 
+def draw_timesteps(c, n_timesteps: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """train.timesteps: uniform, or logit-normal u = sigmoid(mean + std * z) scaled to the timesteps.
+
+    diffusers' compute_density_for_timestep_sampling takes no generator; this one draws from the
+    run's own, so a resumed or multi-process run draws the same timesteps.
+    """
+    if c.timesteps == "uniform":
+        return torch.randint(0, n_timesteps, (batch,), generator=gen)
+    u = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(batch, generator=gen))
+    return (u * n_timesteps).long().clamp(max=n_timesteps - 1)
+
+
 def snr_weights(sched, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the model's prediction target."""
     if gamma is None:
@@ -239,7 +251,7 @@ def train_diffusion(
             # Per-sample caption dropout teaches the unconditional model that guidance needs.
             drop = torch.rand(c.batch_size, generator=gen) < c.cfg_dropout
             noise = torch.randn((c.batch_size, *data.latent_shape), generator=gen)
-            t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=gen)
+            t = draw_timesteps(c, sched.config.num_train_timesteps, c.batch_size, gen)
             flip = torch.rand(c.batch_size, generator=flip_gen) < 0.5
             idx, drop, noise, t, flip = idx[mine], drop[mine], noise[mine], t[mine], flip[mine]
             x0, cond = data.batch(idx, flip if cfg.data.random_flip else None)  # only this rank's rows are read
