@@ -37,6 +37,7 @@ MICRO = [
     "train.log_every=1",
     "text.max_tokens=16",
     "sample.steps=4",
+    "sample.guidance=5.0",  # not the code's default (3): what is served must follow the model's own settings
     "evaluate.classifier_train_size=64",
     "evaluate.classifier_test_size=32",
     "evaluate.classifier_epochs=1",

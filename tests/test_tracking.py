@@ -243,6 +243,7 @@ def decode_png(text: str):
 def test_the_champion_is_a_standard_mlflow_model(trained):
     """`models:/blossom@champion` loads with MLflow alone and draws; its MLmodel has a signature."""
     import mlflow
+    import numpy as np
     import pandas as pd
 
     cfg, train_dir, tmp = trained
@@ -258,7 +259,9 @@ def test_the_champion_is_a_standard_mlflow_model(trained):
     images = [decode_png(t) for t in out["image"]]
     assert len(images) == 2 and images[0].size == (32, 32) and images[0].tobytes() != images[1].tobytes()
     again = model.predict(pd.DataFrame({"prompt": ["a red flower"]}), params={"steps": 2, "seed": 3})
-    assert decode_png(again["image"][0]).tobytes() == images[0].tobytes()  # same seed, same image
+    # same seed, same image; alone rather than in a batch of two, CPU kernels may round a pixel apart
+    alone = np.asarray(decode_png(again["image"][0])).astype(int)
+    assert np.abs(alone - np.asarray(images[0]).astype(int)).max() <= 2
     with pytest.raises(Exception, match="steps must be"):
         model.predict(pd.DataFrame({"prompt": ["a red flower"]}), params={"steps": 0})
 

@@ -105,6 +105,13 @@ def card_data(repo_id: str, data: dict, metrics: dict | None):
     )
 
 
+def guidance_of(folder: Path) -> float:
+    """The guidance scale the export was evaluated and is served at (blossom.json's `sample`)."""
+    from blossom.config import SampleConfig
+
+    return float(((_read(folder / "blossom.json") or {}).get("sample") or {}).get("guidance", SampleConfig.guidance))
+
+
 def fast_section(folder: Path, repo_id: str) -> list[str]:
     """The card's part on the distilled few-step student in `fast/`, when the export has one."""
     info = (_read(folder / "fast" / "blossom.json") or {}).get("distilled")
@@ -124,7 +131,7 @@ def fast_section(folder: Path, repo_id: str) -> list[str]:
         "from diffusers import DiffusionPipeline",
         f'pipe = DiffusionPipeline.from_pretrained(snapshot_download("{repo_id}") + "/fast")',
         'image = pipe("a red flower with five round petals on green grass",',
-        f"             num_inference_steps={info['default_steps']}, guidance_scale=5.0).images[0]",
+        f"             num_inference_steps={info['default_steps']}, guidance_scale={guidance_of(folder):g}).images[0]",
         "```",
         "",
     ]
@@ -203,7 +210,7 @@ def model_card(folder: Path, repo_id: str) -> str:
         "from diffusers import StableDiffusionPipeline",
         f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")',
         'image = pipe("a red flower with five round petals on green grass", num_inference_steps=30,',
-        "             guidance_scale=5.0).images[0]",
+        f"             guidance_scale={guidance_of(folder):g}).images[0]",
         "```",
         "",
         *fast_section(folder, repo_id),

@@ -14,8 +14,10 @@ import base64
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from blossom.config import SampleConfig
+
 ARTIFACT = "blossom"  # the name of the trained model folder among the pyfunc's artifacts
-PARAMS = {"sampler": "unipc", "steps": 15, "guidance": 5.0, "seed": 0}
+PARAMS = {"sampler": SampleConfig.sampler, "steps": SampleConfig.steps, "guidance": SampleConfig.guidance, "seed": 0}
 FAST_PARAMS = {**PARAMS, "sampler": "lcm", "steps": 4}  # a distilled (`fast`) model's defaults
 
 

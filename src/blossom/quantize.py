@@ -153,9 +153,7 @@ def saturates_without_vnni(path: Path) -> bool:
     return largest > WEIGHT_LIMIT or not activation_types <= {TensorProto.UINT8}
 
 
-def write_int8(
-    onnx_dir: Path, backend, prompts: list[str], sampler: str = "unipc", steps: int = 15, guidance: float = 5.0
-) -> list[dict]:
+def write_int8(onnx_dir: Path, backend, prompts: list[str], sampler: str, steps: int, guidance: float) -> list[dict]:
     """onnx_dir/unet.int8.onnx and vae_decoder.int8.onnx, calibrated by sampling the prompts with
     `backend`; returns the UNet's calibration feeds, for a re-quantization that keeps a block."""
     unet_feeds, vae_feeds = calibration_feeds(backend, prompts, sampler, steps, guidance)

@@ -28,6 +28,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from blossom.config import SampleConfig
 from blossom.errors import BlossomError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int =
             f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: try --steps 15"
         )
     if not (isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE):  # NaN fails every comparison
-        raise BlossomError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}: try --guidance 5")
+        raise BlossomError(
+            f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}: "
+            f"try --guidance {SampleConfig.guidance:g}"
+        )
     if not 0 <= seed <= MAX_SEED - max(n - 1, 0):
         raise BlossomError(f"seed must be from 0 to {MAX_SEED - max(n - 1, 0)} (image i uses seed + i), got {seed}")
 
@@ -126,7 +130,7 @@ def sample(
     prompts: list[str],
     sampler: str = "ddim",
     steps: int = 30,
-    guidance: float = 5.0,
+    guidance: float = SampleConfig.guidance,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
@@ -162,7 +166,7 @@ def denoise(
     prompts: list[str],
     sampler: str = "ddim",
     steps: int = 30,
-    guidance: float = 5.0,
+    guidance: float = SampleConfig.guidance,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
