@@ -8,6 +8,8 @@ folder adds `text_encoder/`, `tokenizer/` and `onnx/`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,19 @@ def has_onnx(folder: str | Path) -> bool:
 
 def has_int8(folder: str | Path) -> bool:
     return all((Path(folder) / "onnx" / f).exists() for f in INT8_FILES.values())
+
+
+def sample_settings(folder: Path) -> dict:
+    """The sampling a model folder was exported with (blossom.json's `sample`, from params.yaml),
+    completed by SampleConfig's defaults; a folder that does not say, or says it damaged, gets the
+    defaults alone (loading the model reports the damage)."""
+    from blossom.config import SampleConfig
+
+    try:
+        said = dict(json.loads((folder / "blossom.json").read_text()).get("sample", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        said = {}
+    return {**dataclasses.asdict(SampleConfig()), **said}
 
 
 def unet_feed(

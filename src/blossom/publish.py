@@ -17,6 +17,7 @@ import yaml
 from blossom.config import PublishConfig
 from blossom.errors import BlossomError, first_line
 from blossom.fsutil import atomic_dir, write_text
+from blossom.layout import sample_settings
 from blossom.stats import adherence_note, adherence_table
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,7 @@ def card_data(repo_id: str, data: dict, metrics: dict | None):
     )
 
 
-def guidance_of(folder: Path) -> float:
-    """The guidance scale the export was evaluated and is served at (blossom.json's `sample`)."""
-    from blossom.config import SampleConfig
-
-    return float(((_read(folder / "blossom.json") or {}).get("sample") or {}).get("guidance", SampleConfig.guidance))
-
-
-def fast_section(folder: Path, repo_id: str) -> list[str]:
+def fast_section(folder: Path, repo_id: str, guidance: float) -> list[str]:
     """The card's part on the distilled few-step student in `fast/`, when the export has one."""
     info = (_read(folder / "fast" / "blossom.json") or {}).get("distilled")
     if not info:
@@ -131,7 +125,7 @@ def fast_section(folder: Path, repo_id: str) -> list[str]:
         "from diffusers import DiffusionPipeline",
         f'pipe = DiffusionPipeline.from_pretrained(snapshot_download("{repo_id}") + "/fast")',
         'image = pipe("a red flower with five round petals on green grass",',
-        f"             num_inference_steps={info['default_steps']}, guidance_scale={guidance_of(folder):g}).images[0]",
+        f"             num_inference_steps={info['default_steps']}, guidance_scale={guidance:g}).images[0]",
         "```",
         "",
     ]
@@ -149,6 +143,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     metrics = _read(folder / "metrics.json")
     info = _read(folder / "blossom.json") or {}
     champion = _read(folder / "champion.json") or {}
+    guidance = sample_settings(folder)["guidance"]  # what the export was evaluated and is served at
     data = info.get("data") or {"source": "synthetic"}
     lines = [
         "---",
@@ -210,10 +205,10 @@ def model_card(folder: Path, repo_id: str) -> str:
         "from diffusers import StableDiffusionPipeline",
         f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")',
         'image = pipe("a red flower with five round petals on green grass", num_inference_steps=30,',
-        f"             guidance_scale={guidance_of(folder):g}).images[0]",
+        f"             guidance_scale={guidance:g}).images[0]",
         "```",
         "",
-        *fast_section(folder, repo_id),
+        *fast_section(folder, repo_id, guidance),
         "## Training data",
         "",
         TRAINING_DATA[data["source"]](data),

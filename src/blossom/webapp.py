@@ -48,15 +48,10 @@ def find_model() -> Path | None:
 def sampling_defaults(folder: Path) -> dict:
     """Where the page starts: the sampling the model was exported with (params.yaml's `sample:`,
     as `blossom generate` uses it), params.yaml's defaults for a folder that does not say."""
-    import dataclasses
-
     from blossom.config import SampleConfig
+    from blossom.layout import sample_settings
 
-    try:
-        said = dict(json.loads((folder / "blossom.json").read_text()).get("sample", {}))
-    except (OSError, ValueError, AttributeError, TypeError):  # none, or damaged: loading the model says which
-        said = {}
-    start = {**dataclasses.asdict(SampleConfig()), **said}
+    start = sample_settings(folder)
     if start["sampler"] not in SAMPLERS:  # a distilled model's own sampler: the fast switch shows it
         start["sampler"] = SampleConfig.sampler
     return start
