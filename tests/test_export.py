@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from blossom.backends import OnnxBackend, TorchBackend, load_backend
+from blossom.backends import OnnxBackend, TorchBackend, load_backend, physical_cores
 from blossom.errors import ModelError
 from blossom.export import COMPONENT_TOLERANCE, IMAGE_TOLERANCE
 from blossom.sampling import sample
@@ -132,6 +132,46 @@ def test_int8_backend_stays_near_fp32_and_is_chosen_by_precision(exported, tmp_p
     shutil.copytree(out, bare, ignore=shutil.ignore_patterns("*.int8.onnx*"))
     with pytest.raises(ModelError, match=r"missing onnx/unet.int8.onnx, onnx/vae_decoder.int8.onnx\).*blossom export"):
         load_backend("onnx", bare, "int8")
+
+
+def test_threads_fitted_at_load_draw_the_same_bits(exported):
+    _, out, _ = exported
+    fitted = OnnxBackend(out, precision="int8")
+    assert set(fitted.threads) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(fitted.threads.values()) <= {1, physical_cores()}
+    images = [
+        sample(b, PROMPTS[:1], "ddim", 3, 5.0, 0)
+        for b in (fitted, OnnxBackend(out, 1, "int8"), OnnxBackend(out, 2, "int8"))
+    ]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+
+
+class _Timed:
+    """A stand-in session whose every call takes `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def run(self, *_):
+        import time
+
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize(
+    "many, one, kept",
+    [(0.004, 0.004, 1), (0.002, 0.004, "many"), (0.06, None, "many")],
+)
+def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, monkeypatch, tmp_path):
+    from blossom import backends
+
+    single = _Timed(one or 0)
+    monkeypatch.setattr(backends, "ort_session", lambda path, threads, spin: single)
+    session = _Timed(many)
+    chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin=True)
+    assert (chosen, threads) == ((session, 2) if kept == "many" else (single, 1))
+    assert single.calls == (0 if one is None else 6)  # a long call is not timed again on one thread
 
 
 def _with_scores(exported, tmp_path):
