@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blossom.backends import TorchBackend, fast_folder
+from blossom.backends import TorchBackend, fast_folder, physical_cores
 from blossom.sampling import guidance_embedding, sample
 from blossom.train.distill import boundary, distill, student_from
 
@@ -130,6 +130,18 @@ def test_exported_student_loads_in_diffusers_and_matches_blossom(exported, tmp_p
     onnx = sample(OnnxBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
     assert np.abs(onnx.astype(int) - ours.astype(int)).max() <= 2
     assert fast_folder(folder, tmp_path / "none") == fast
+
+
+def test_a_students_threads_are_fitted_at_load_and_draw_the_same_bits(exported):
+    from blossom.backends import OnnxBackend
+
+    fast = exported[0] / "fast"
+    fitted = OnnxBackend(fast)
+    assert set(fitted.threads) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(fitted.threads.values()) <= {1, physical_cores()}
+    backends = (fitted, OnnxBackend(fast, threads=1), OnnxBackend(fast, threads=2))
+    images = [sample(b, ["a red flower"], "lcm", 4, 5.0, seed=3) for b in backends]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
 
 
 def test_the_apps_fast_switch_serves_the_student(exported, micro_exported, monkeypatch):

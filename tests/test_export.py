@@ -134,16 +134,11 @@ def test_int8_backend_stays_near_fp32_and_is_chosen_by_precision(exported, tmp_p
         load_backend("onnx", bare, "int8")
 
 
-def test_threads_fitted_at_load_draw_the_same_bits(exported):
+def test_a_teachers_sessions_keep_every_core(exported):
     _, out, _ = exported
-    fitted = OnnxBackend(out, precision="int8")
-    assert set(fitted.threads) == {"text_encoder", "unet", "vae_decoder"}
-    assert set(fitted.threads.values()) <= {1, physical_cores()}
-    images = [
-        sample(b, PROMPTS[:1], "ddim", 3, 5.0, 0)
-        for b in (fitted, OnnxBackend(out, 1, "int8"), OnnxBackend(out, 2, "int8"))
-    ]
-    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    assert OnnxBackend(out, precision="int8").threads == dict.fromkeys(
+        ("text_encoder", "unet", "vae_decoder"), physical_cores()
+    )
 
 
 class _Timed:
@@ -161,7 +156,7 @@ class _Timed:
 
 @pytest.mark.parametrize(
     "many, one, kept",
-    [(0.004, 0.004, 1), (0.002, 0.004, "many"), (0.06, None, "many")],
+    [(0.004, 0.004, 1), (0.0035, 0.004, 1), (0.002, 0.004, "many"), (0.06, None, "many")],
 )
 def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, monkeypatch, tmp_path):
     from blossom import backends
@@ -171,7 +166,7 @@ def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, mon
     session = _Timed(many)
     chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin=True)
     assert (chosen, threads) == ((session, 2) if kept == "many" else (single, 1))
-    assert single.calls == (0 if one is None else 6)  # a long call is not timed again on one thread
+    assert single.calls == (0 if one is None else 10)  # a long call is not timed again on one thread
 
 
 def _with_scores(exported, tmp_path):

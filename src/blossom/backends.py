@@ -164,34 +164,37 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
 
 # More threads must cut an isolated call to this fraction of one thread's time to be kept: in a
 # pipeline the sessions' thread pools also contend with each other (a spinning UNet pool beside the
-# decoder's), which a call timed alone does not show.
-THREAD_GAIN = 0.85
+# decoder's), which a call timed alone does not show; and a load-time timing is noisy.
+THREAD_GAIN = 0.75
 # Calls this long have work enough per operator for every core; timing them again would only slow loading.
 LONG_CALL_S = 0.05
 
 
 def fit_threads(session, path: Path, feed: dict, cores: int, spin: bool) -> tuple:
-    """`session` (all `cores` intra-op threads), or a one-thread session of the same graph when that
-    is about as fast on this CPU, measured now: a few-step student's batch-1 UNet and decoder ops
-    are too small to share, and their threads' hand-offs cost more than they save. The images are
+    """`session` (all `cores` intra-op threads), or a one-thread session of the same graph unless
+    every core is clearly faster on this CPU, measured now: a few-step student's batch-1 UNet and
+    decoder ops are too small to share, and their threads' hand-offs cost more than they save. The images are
     the same bits either way (ONNX Runtime's CPU kernels split outputs across threads; tested)."""
     import statistics
     import time
 
-    def median_s(s) -> float:
+    def timed(s) -> float:
+        start = time.perf_counter()
         s.run(None, feed)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            s.run(None, feed)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return time.perf_counter() - start
 
-    many = median_s(session)
-    if many > LONG_CALL_S:
+    session.run(None, feed)
+    if timed(session) > LONG_CALL_S:
         return session, cores
     one = ort_session(path, threads=1, spin=spin)
-    return (session, cores) if many <= THREAD_GAIN * median_s(one) else (one, 1)
+    times: dict[int, list[float]] = {cores: [], 1: []}
+    # Blocks in the order many, one, one, many, so that neither gains from the other warming the
+    # caches or loses to its spinning threads; each block's first call is not timed.
+    for s, n in ((session, cores), (one, 1), (one, 1), (session, cores)):
+        s.run(None, feed)
+        times[n] += [timed(s) for _ in range(4)]
+    many, single = statistics.median(times[cores]), statistics.median(times[1])
+    return (session, cores) if many <= THREAD_GAIN * single else (one, 1)
 
 
 def _model_json(folder: Path, name: str) -> dict:
@@ -246,21 +249,21 @@ class OnnxBackend:
         self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
         cores = threads or physical_cores()
         self.threads = dict.fromkeys(self.sessions, cores)
-        if threads is None and cores > 1:
+        # Only a student's: its batch-1 calls are where threads stop paying. A guided teacher's
+        # calls gain 30-40 % from a second core, and a noisy timing at load must not cost them that.
+        if threads is None and cores > 1 and self.distilled:
             for key, feed in self._serving_feeds().items():
                 self.sessions[key], self.threads[key] = fit_threads(
                     self.sessions[key], paths[key], feed, cores, spin=key == "unet"
                 )
 
     def _serving_feeds(self) -> dict[str, dict[str, np.ndarray]]:
-        """Inputs shaped as one image's calls are: a guided UNet call is a batch of two, a distilled one
-        a batch of one with its guidance embedding."""
-        n = 1 if self.distilled else 2
-        text = self._encode([""]).expand(n, -1, -1)
-        cond = torch.zeros(n, self.distilled["guidance_embedding_dim"]) if self.distilled else None
+        """A distilled model's inputs shaped as one image's calls are: batch 1, guidance embedded."""
+        text = self._encode([""])
+        cond = torch.zeros(1, self.distilled["guidance_embedding_dim"])
         return {
             "text_encoder": tokenize(self.tokenizer, ["a flower"], self.max_tokens),
-            "unet": unet_feed(torch.zeros(n, *self.latent_shape), torch.full((n,), 500), text, cond),
+            "unet": unet_feed(torch.zeros(1, *self.latent_shape), torch.full((1,), 500), text, cond),
             "vae_decoder": {"latents": np.zeros((1, *self.latent_shape), np.float32)},
         }
 
