@@ -3,9 +3,9 @@
 The teacher at its default (UniPC 15 steps, guidance as a batch of two: 30 UNet evaluations);
 the student at 1, 2, 4 and 8 steps (one UNet call per step, guidance embedded); both in ONNX
 Runtime fp32, and int8 where the export holds int8 graphs; `auto` is what `--precision auto`
-picks on this CPU. Each session's thread count is fitted at load, as blossom serves; one more
-row runs the int8 student on every core, to show what that fitting buys. Needs an export with a
-student in it (`blossom distill` then `blossom export`):
+picks on this CPU. The student's sessions fit their thread count at load, as blossom serves
+them; one more row runs the int8 student on every core, to show what that fitting buys. Needs an
+export with a student in it (`blossom distill` then `blossom export`):
 
     .venv/bin/python benchmarks/fast.py [--export outputs/export] [--rounds 3]
 """
@@ -46,7 +46,7 @@ def main() -> None:
     if has_int8(student_dir):
         s8 = OnnxBackend(student_dir, precision="int8")
         fns["student int8 lcm-4"] = lambda seed: sample(s8, [PROMPT], "lcm", 4, 5.0, seed)
-        # what fitting each session's threads at load bought: the same graphs on every core
+        # what fitting the student's threads at load bought: the same graphs on every core
         s8_all = OnnxBackend(student_dir, threads=physical_cores(), precision="int8")
         fns["student int8 lcm-4, all cores"] = lambda seed: sample(s8_all, [PROMPT], "lcm", 4, 5.0, seed)
         print(f"threads fitted at load: teacher {teacher.threads}, int8 student {s8.threads}")
