@@ -173,8 +173,9 @@ LONG_CALL_S = 0.05
 def fit_threads(session, path: Path, feed: dict, cores: int, spin: bool) -> tuple:
     """`session` (all `cores` intra-op threads), or a one-thread session of the same graph unless
     every core is clearly faster on this CPU, measured now: a few-step student's batch-1 UNet and
-    decoder ops are too small to share, and their threads' hand-offs cost more than they save. The images are
-    the same bits either way (ONNX Runtime's CPU kernels split outputs across threads; tested)."""
+    decoder ops are too small to share, and their threads' hand-offs cost more than they save.
+    The images are the same bits either way (ONNX Runtime's CPU kernels split outputs across
+    threads; tested)."""
     import statistics
     import time
 
@@ -258,7 +259,7 @@ class OnnxBackend:
                 )
 
     def _serving_feeds(self) -> dict[str, dict[str, np.ndarray]]:
-        """A distilled model's inputs shaped as one image's calls are: batch 1, guidance embedded."""
+        """Inputs shaped as a distilled model's calls for one image: batch 1, guidance embedded."""
         text = self._encode([""])
         cond = torch.zeros(1, self.distilled["guidance_embedding_dim"])
         return {
