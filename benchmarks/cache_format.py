@@ -4,8 +4,9 @@
         [--limit-mb 1024] [--steps 30]
 
 - bytes: bytes per sample of the previous format (fp32 latents, fp16 states per sample) and of
-  this one (fp16 latents, each caption's states once), computed for tiny, flowers128 and peer256
-  (a 768-wide, 77-token encoder), and measured on the built cache in outputs/cache.
+  this one (fp16 latents, each caption's states once as int8 with a scale per token; and the same
+  with fp16 states, format 2), computed for tiny, flowers128 and peer256 (a 768-wide, 77-token
+  encoder), and measured on the built cache in outputs/cache.
 - throughput: the tiny preset's training step fed from an in-RAM tensor vs from the memory-mapped
   cache (same UNet, same rows, alternating blocks).
 - build: `blossom cache` of outputs/data with one process vs two under torchrun.
@@ -46,8 +47,9 @@ def old_bytes(latent, text, flip) -> float:
     return int(np.prod(latent)) * 4 * (2 if flip else 1) + int(np.prod(text)) * 2
 
 
-def new_bytes(latent, text, flip, captions_per_image: float) -> float:
-    return int(np.prod(latent)) * 2 * (2 if flip else 1) + 4 + int(np.prod(text)) * 2 * captions_per_image
+def new_bytes(latent, text, flip, captions_per_image: float, int8: bool = True) -> float:
+    states = text[0] * (text[1] + 2) if int8 else int(np.prod(text)) * 2  # int8 + an fp16 scale per token
+    return int(np.prod(latent)) * 2 * (2 if flip else 1) + 4 + states * captions_per_image
 
 
 def section_bytes() -> None:
@@ -57,13 +59,22 @@ def section_bytes() -> None:
         captions = [json.loads(line)["text"] for line in meta.read_text().splitlines() if line.strip()]
         unique = len(set(captions)) / len(captions)
     print(f"\n## bytes per sample (train rows; procedural captions: {unique:.2f} distinct per image)")
-    print(f"{'preset':34} {'previous':>10} {'unique captions':>22} {'procedural captions':>22}")
+    print(
+        f"{'preset':34} {'previous':>10} {'unique captions':>22} {'procedural captions':>22}"
+        f" {'fp16 states (format 2), unique / procedural':>46}"
+    )
     for name, (latent, text, flip) in PRESETS.items():
         old = old_bytes(latent, text, flip)
         a, b = new_bytes(latent, text, flip, 1.0), new_bytes(latent, text, flip, unique)
-        print(f"{name:34} {old / 1024:8.1f}KB {a / 1024:8.1f}KB ({old / a:4.2f}x) {b / 1024:8.1f}KB ({old / b:4.2f}x)")
+        c, d = (new_bytes(latent, text, flip, u, int8=False) for u in (1.0, unique))
+        print(
+            f"{name:34} {old / 1024:8.1f}KB {a / 1024:8.1f}KB ({old / a:4.2f}x) {b / 1024:8.1f}KB ({old / b:4.2f}x)"
+            f" {old / c:31.2f}x / {old / d:4.2f}x"
+        )
+    from blossom.data.cache import FORMAT
+
     index = ROOT / "outputs" / "cache" / "index.json"
-    if index.exists() and json.loads(index.read_text()).get("format") == 2:
+    if index.exists() and json.loads(index.read_text()).get("format") == FORMAT:
         info = json.loads(index.read_text())
         n = sum(s["count"] for s in info["splits"].values())
         old = (
@@ -168,9 +179,9 @@ def section_build() -> None:
 
 
 def synthetic_cache(folder: Path, n: int, latent, text, encoder: str = "minilm", val: int = 512) -> None:
-    """A format-2 cache of random latents and text states, one caption per sample, in shards sized
-    as `blossom cache` sizes them (at most SHARD_BYTES and SHARD_ROWS)."""
-    from blossom.data.cache import SHARD_BYTES, SHARD_ROWS, write_index
+    """A cache in this format of random latents and text states, one caption per sample, in shards
+    sized as `blossom cache` sizes them (at most SHARD_BYTES and SHARD_ROWS)."""
+    from blossom.data.cache import FORMAT, SHARD_BYTES, SHARD_ROWS, quantize_states, write_index
     from blossom.data.shards import write_shard
 
     def rows_per_shard(row_bytes: int) -> int:
@@ -178,13 +189,13 @@ def synthetic_cache(folder: Path, n: int, latent, text, encoder: str = "minilm",
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
-    meta = {"format": "2", "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
+    meta = {"format": str(FORMAT), "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
     names = {"text": [], "train": [], "val": []}
-    per_text, captions = rows_per_shard(int(np.prod(text)) * 2), n + val + 1
+    per_text, captions = rows_per_shard(text[0] * (text[1] + 2)), n + val + 1
     for k, i in enumerate(range(0, captions, per_text)):
-        states = rng.standard_normal((min(per_text, captions - i), *text), np.float32).astype(np.float16)
+        states = quantize_states(rng.standard_normal((min(per_text, captions - i), *text), np.float32))
         names["text"].append(f"text-{k:05d}.safetensors")
-        write_shard(folder / names["text"][-1], {"text": states}, {**meta, "split": "text"})
+        write_shard(folder / names["text"][-1], states, {**meta, "split": "text"})
     per = rows_per_shard(int(np.prod(latent)) * 4 + 4)
     for split, count, first in (("train", n, 1), ("val", val, 1 + n)):
         for k, i in enumerate(range(0, count, per)):

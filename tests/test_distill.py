@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from blossom.backends import TorchBackend, fast_folder, physical_cores
-from blossom.sampling import guidance_embedding, sample
+from blossom.sampling import denoise, guidance_embedding, sample
 from blossom.train.distill import boundary, distill, student_from
 
 DISTILL = {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "guidance_embedding_dim": 16}
@@ -73,7 +73,12 @@ def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepare
     backend = TorchBackend(out / "model")
     a = sample(backend, ["a red flower", "a blue flower"], "lcm", 2, 5.0, seed=3)
     b = sample(backend, ["a blue flower"], "lcm", 2, 5.0, seed=4)
-    assert a.shape == (2, 32, 32, 3) and np.array_equal(a[1], b[0])  # image i depends on seed + i only
+    # Image i depends on seed + i only; a batch of 2 and a batch of 1 sum in another order, which
+    # may move a pixel across a rounding boundary.
+    assert a.shape == (2, 32, 32, 3) and np.abs(a[1].astype(int) - b[0]).max() <= 1
+    la = denoise(backend, ["a red flower", "a blue flower"], "lcm", 2, 5.0, seed=3)
+    lb = denoise(backend, ["a blue flower"], "lcm", 2, 5.0, seed=4)
+    assert torch.allclose(la[1], lb[0], atol=1e-5)
     assert fast_folder(out, out / "model") == out / "model"
 
 

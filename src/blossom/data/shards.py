@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from blossom.errors import DataError
 from blossom.fsutil import atomic_path
 
-DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
+DTYPES = {"I8": np.int8, "F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
 MAX_HEADER = 1 << 20  # a shard's header lists a handful of tensors; more is a damaged file
 FIX = "rerun `blossom cache` to rebuild the cache"
 
