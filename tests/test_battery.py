@@ -249,6 +249,7 @@ CASES = [
     ("unknown caption backend", S("--set", "caption.backend=gpt", "caption"), 2, "caption.backend must be"),
     ("unknown prediction type", S("--set", "train.prediction_type=x0", "train"), 2, "train.prediction_type must be"),
     ("cfg dropout 1.5", S("--set", "train.cfg_dropout=1.5", "train"), 2, "train.cfg_dropout must be in [0, 1)"),
+    ("ema decay 1", S("--set", "train.ema_decay=1", "train"), 2, "train.ema_decay must be in [0, 1)"),
     ("fp8", S("--set", "train.mixed_precision=fp8", "train"), 2, "train.mixed_precision must be"),
     ("unknown sample order", S("--set", "train.order=sorted", "train"), 2, "train.order must be one of 'random' or"),
     (

@@ -40,6 +40,27 @@ def test_training_writes_loadable_model_and_checkpoints(micro_prepared, tmp_path
     assert (out / "loss_curve.png").stat().st_size > 0 and (out / "config.yaml").exists()
     backend = TorchBackend(out / "model")  # a complete model folder
     assert backend.latent_shape == (4, 8, 8)
+    # No averaging by default: the served UNet is the last step's weights, bit for bit.
+    served = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    last = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")
+    assert cfg.train.ema_decay == 0 and all(torch.equal(served[k], last[k]) for k in last)
+
+
+def test_an_ema_decay_serves_averaged_weights(micro_prepared, tmp_path):
+    import dataclasses
+
+    cfg, paths = micro_prepared
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=0.999))
+    out = tmp_path / "train"
+    train_diffusion(cfg, paths.cache, paths.vae, out)
+    served = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    last = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")
+    ema = load_file(out / "checkpoints" / "step-000004" / "ema.safetensors")
+    assert not all(torch.equal(served[k], last[k]) for k in last)
+    from diffusers import UNet2DConditionModel
+
+    names = [n for n, _ in UNet2DConditionModel.from_pretrained(out / "model" / "unet").named_parameters()]
+    assert all(torch.equal(served[n], ema[str(i)]) for i, n in enumerate(names))  # the EMA's (in parameter order)
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])

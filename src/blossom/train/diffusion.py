@@ -204,6 +204,7 @@ def train_diffusion(
     cross_attention_dim = check_cross_attention(cfg, index["text_dim"])
     unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=data.latent_shape).to(rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
+    averaging = c.ema_decay > 0  # 0: the last weights are the model (the checkpoint keeps an unused EMA slot)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
     engine = distributed.Engine(unet, optimizer, rt, c)
@@ -266,7 +267,8 @@ def train_diffusion(
             loss = (weights * per_sample).mean()
             grad_norm = engine.step(loss)
             lr_scheduler.step()
-            ema.step(unet.parameters())
+            if averaging:
+                ema.step(unet.parameters())
 
             b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
             bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
@@ -296,7 +298,7 @@ def train_diffusion(
                     live.log(row_metrics(row), done)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
             if done % c.val_every == 0 or done == c.steps:
-                with ema_weights(unet, ema):
+                with ema_weights(unet, ema if averaging else None):
                     val_history.append((done, validation_loss(unet, sched, val_data, rt)))
                 if rt.main:
                     log.info("step %d: val loss %.5f", done, val_history[-1][1])
@@ -328,8 +330,8 @@ def train_diffusion(
         }
         if rt.main:
             plot_loss(stats, val_history, out_dir / "loss_curve.png")
-            with ema_weights(unet, ema), atomic_dir(out_dir / "model") as tmp:
-                unet.save_pretrained(tmp / "unet")  # the EMA weights: what gets evaluated and served
+            with ema_weights(unet, ema if averaging else None), atomic_dir(out_dir / "model") as tmp:
+                unet.save_pretrained(tmp / "unet")  # the EMA weights (or the last): what gets evaluated and served
                 write_model_files(cfg, vae_dir, tmp, result)
     rt.stop()
     return result
@@ -357,16 +359,19 @@ def write_model_files(cfg: Config, vae_dir: Path, folder: Path, train_info: dict
 
 
 class ema_weights:
-    """Context manager: swap the EMA weights into the model, and the training weights back after."""
+    """Context manager: swap the EMA weights into the model (ema None: keep the training weights),
+    in eval mode, and the training weights back after."""
 
     def __init__(self, model, ema):
         self.model, self.ema = model, ema
 
     def __enter__(self):
-        self.ema.store(self.model.parameters())
-        self.ema.copy_to(self.model.parameters())
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.ema.restore(self.model.parameters())
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
         self.model.train()
