@@ -168,7 +168,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     ]
     val = train.get("val_loss")
     lines.append(
-        f"- Validation loss (noise MSE, fixed seed, EMA weights): **{val:.4f}**"
+        f"- Validation loss (noise MSE, fixed seed, the served weights): **{val:.4f}**"
         if val is not None
         else "- Validation loss: not recorded"
     )
