@@ -141,12 +141,15 @@ def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_ze
 
 
 KILL_STEPS = 24  # long enough that a kill lands mid-run, short enough for CI
+# The kill runs average their weights (the tiny default does not), so that resuming must restore
+# the EMA and its counters exactly too.
+KILL_EMA = ("--set", "train.ema_decay=0.999")
 
 
 def start_training(
     root: Path, resume: str | None, procs: int = 1, torchrun_args: tuple[str, ...] = ()
 ) -> subprocess.Popen:
-    cmd = train_cmd(root, "--set", f"train.steps={KILL_STEPS}", procs=procs, torchrun_args=torchrun_args)
+    cmd = train_cmd(root, "--set", f"train.steps={KILL_STEPS}", *KILL_EMA, procs=procs, torchrun_args=torchrun_args)
     cmd += ["train"] + (["--resume", resume] if resume else [])
     log = open(root / "train.log", "a")  # a file, not a pipe: nobody reads a pipe while training runs
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -183,7 +186,7 @@ def saving(root: Path) -> bool:
 def test_kill_9_mid_run_and_mid_save_then_resume_equals_an_uninterrupted_run(micro_prepared, tmp_path):
     _, paths = micro_prepared
     straight = run_root(paths, tmp_path / "straight")
-    train(straight, "--set", f"train.steps={KILL_STEPS}")
+    train(straight, "--set", f"train.steps={KILL_STEPS}", *KILL_EMA)
 
     killed = run_root(paths, tmp_path / "killed")
     # 1: killed between checkpoints, once the first one is in place.
