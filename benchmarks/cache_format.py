@@ -48,7 +48,9 @@ def old_bytes(latent, text, flip) -> float:
 
 
 def new_bytes(latent, text, flip, captions_per_image: float, int8: bool = True) -> float:
-    states = text[0] * (text[1] + 2) if int8 else int(np.prod(text)) * 2  # int8 + an fp16 scale per token
+    from blossom.data.cache import text_row_bytes
+
+    states = text_row_bytes(*text) if int8 else int(np.prod(text)) * 2
     return int(np.prod(latent)) * 2 * (2 if flip else 1) + 4 + states * captions_per_image
 
 
@@ -181,7 +183,7 @@ def section_build() -> None:
 def synthetic_cache(folder: Path, n: int, latent, text, encoder: str = "minilm", val: int = 512) -> None:
     """A cache in this format of random latents and text states, one caption per sample, in shards
     sized as `blossom cache` sizes them (at most SHARD_BYTES and SHARD_ROWS)."""
-    from blossom.data.cache import FORMAT, SHARD_BYTES, SHARD_ROWS, quantize_states, write_index
+    from blossom.data.cache import FORMAT, SHARD_BYTES, SHARD_ROWS, quantize_states, text_row_bytes, write_index
     from blossom.data.shards import write_shard
 
     def rows_per_shard(row_bytes: int) -> int:
@@ -191,7 +193,7 @@ def synthetic_cache(folder: Path, n: int, latent, text, encoder: str = "minilm",
     folder.mkdir(parents=True)
     meta = {"format": str(FORMAT), "text_encoder": encoder, "max_tokens": str(text[0]), "text_dim": str(text[1])}
     names = {"text": [], "train": [], "val": []}
-    per_text, captions = rows_per_shard(text[0] * (text[1] + 2)), n + val + 1
+    per_text, captions = rows_per_shard(text_row_bytes(*text)), n + val + 1
     for k, i in enumerate(range(0, captions, per_text)):
         states = quantize_states(rng.standard_normal((min(per_text, captions - i), *text), np.float32))
         names["text"].append(f"text-{k:05d}.safetensors")

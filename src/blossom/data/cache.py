@@ -67,6 +67,11 @@ def quantize_states(states: np.ndarray) -> dict[str, np.ndarray]:
     return {"text": q, "text_scale": scale}
 
 
+def text_row_bytes(max_tokens: int, dim: int) -> int:
+    """One caption's stored states: int8 values and an fp16 scale per token."""
+    return max_tokens * (dim + 2)
+
+
 def dequantize_states(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
     """fp32 tensor of fp16 values: the exact values training sees, whichever way the rows travel (a
     streamed cache carries them as fp16 and trains bit for bit like the local one). An int8 times
@@ -146,7 +151,7 @@ def build_cache(
     latent_shape = (vae.config.latent_channels, image_size // down, image_size // down)
     latent_bytes = int(np.prod(latent_shape)) * 2
     rows = {
-        "text": shard_bytes // (encoder.max_tokens * (encoder.dim + 2)),
+        "text": shard_bytes // text_row_bytes(encoder.max_tokens, encoder.dim),
         "train": shard_bytes // (latent_bytes * (2 if flip else 1) + 4),
         "val": shard_bytes // (latent_bytes + 4),
     }

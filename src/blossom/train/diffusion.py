@@ -204,7 +204,8 @@ def train_diffusion(
     cross_attention_dim = check_cross_attention(cfg, index["text_dim"])
     unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=data.latent_shape).to(rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
-    averaging = c.ema_decay > 0  # 0: the last weights are the model (the checkpoint keeps an unused EMA slot)
+    # None when not averaging: the last weights are the model (the checkpoint still keeps the slot).
+    served_ema = ema if c.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
     engine = distributed.Engine(unet, optimizer, rt, c)
@@ -267,8 +268,8 @@ def train_diffusion(
             loss = (weights * per_sample).mean()
             grad_norm = engine.step(loss)
             lr_scheduler.step()
-            if averaging:
-                ema.step(unet.parameters())
+            if served_ema is not None:
+                served_ema.step(unet.parameters())
 
             b = (t * N_BINS // sched.config.num_train_timesteps).clamp(max=N_BINS - 1)
             bins[:N_BINS].index_add_(0, b, per_sample.detach().cpu().double())
@@ -298,7 +299,7 @@ def train_diffusion(
                     live.log(row_metrics(row), done)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
             if done % c.val_every == 0 or done == c.steps:
-                with ema_weights(unet, ema if averaging else None):
+                with ema_weights(unet, served_ema):
                     val_history.append((done, validation_loss(unet, sched, val_data, rt)))
                 if rt.main:
                     log.info("step %d: val loss %.5f", done, val_history[-1][1])
@@ -330,7 +331,7 @@ def train_diffusion(
         }
         if rt.main:
             plot_loss(stats, val_history, out_dir / "loss_curve.png")
-            with ema_weights(unet, ema if averaging else None), atomic_dir(out_dir / "model") as tmp:
+            with ema_weights(unet, served_ema), atomic_dir(out_dir / "model") as tmp:
                 unet.save_pretrained(tmp / "unet")  # the EMA weights (or the last): what gets evaluated and served
                 write_model_files(cfg, vae_dir, tmp, result)
     rt.stop()
