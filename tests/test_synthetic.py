@@ -12,13 +12,15 @@ def test_same_seed_and_index_give_identical_images_and_captions():
     assert not np.array_equal(np.asarray(a_img), np.asarray(c_img))
 
 
-def test_captions_state_the_drawn_attributes():
+def test_every_caption_states_every_scored_attribute():
+    # docs/quality.md: captions that name count and shape every time took count from 0.37 to 0.53
     for i in range(300):
         _, f, text = synthetic.generate(0, i, 32)
+        words = text.lower().replace(",", "").split()
         assert any(w in text for w in synthetic.COLOR_WORDS[f.petal_color]), text
         assert any(p in text.lower() for p in synthetic.BACKGROUND_PHRASES[f.background]), text
-        if "petals" in text and "flower with" in text or "petals," in text or "petals around" in text:
-            assert synthetic.NUMBER_WORDS[f.petal_count] in text or str(f.petal_count) in text, text
+        assert synthetic.NUMBER_WORDS[f.petal_count] in words or str(f.petal_count) in words, text
+        assert set(synthetic.SHAPE_WORDS[f.petal_shape]) & set(words), text
 
 
 def test_attributes_cover_the_palette_and_held_out_pairs_stay_out_of_training():

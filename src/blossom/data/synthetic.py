@@ -67,13 +67,16 @@ SHAPE_WORDS = {
     "pointed": ["pointed", "pointy", "pointed"],
     "thin": ["thin", "narrow", "slender"],
 }
+# Every template names all four scored attributes, in different words and orders: captions that
+# left count or shape out half the time drew count 0.37 and shape 0.67, naming them every time
+# 0.53 and 0.81 in the same minutes (docs/quality.md, "Captions").
 TEMPLATES = (
     "a {size}{color} flower with {count} {shape} petals {bg}",
     "a {color} flower {bg}, {count} {shape} petals, {center} center",
     "{count} {color} {shape} petals around a {center} center, {bg}",
-    "a photo of a {size}{color} flower {bg}",
-    "a {color} flower with a {center} center {bg}",
-    "{bg_cap}, a {color} flower with {count} petals",
+    "a photo of a {size}{color} flower with {count} {shape} petals {bg}",
+    "a {color} flower with {count} {shape} petals and a {center} center {bg}",
+    "{bg_cap}, a {color} flower with {count} {shape} petals",
 )
 # The evaluation prompt: what a person would type, naming every attribute plainly.
 EVAL_TEMPLATE = "a {color} flower with {count} {shape} petals {bg}"
