@@ -13,7 +13,7 @@ def test_same_seed_and_index_give_identical_images_and_captions():
 
 
 def test_every_caption_states_every_scored_attribute():
-    # docs/quality.md: captions that name count and shape every time took count from 0.37 to 0.53
+    # docs/quality.md: naming count and shape in every caption is what taught the model to draw them
     for i in range(300):
         _, f, text = synthetic.generate(0, i, 32)
         words = text.lower().replace(",", "").split()

@@ -67,9 +67,9 @@ SHAPE_WORDS = {
     "pointed": ["pointed", "pointy", "pointed"],
     "thin": ["thin", "narrow", "slender"],
 }
-# Every template names all four scored attributes, in different words and orders: captions that
-# left count or shape out half the time drew count 0.37 and shape 0.67, naming them every time
-# 0.53 and 0.81 in the same minutes (docs/quality.md, "Captions").
+# Every template names all four scored attributes, in different words and orders: when half the
+# captions left count or shape out, the model drew both far worse in the same minutes
+# (docs/quality.md, "Captions that name every attribute").
 TEMPLATES = (
     "a {size}{color} flower with {count} {shape} petals {bg}",
     "a {color} flower {bg}, {count} {shape} petals, {center} center",
