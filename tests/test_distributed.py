@@ -116,9 +116,11 @@ def test_two_processes_train_like_one_with_ddp_under_accelerate_and_deepspeed_ze
     one = weights(single, STEPS)
     for run in (ddp, zero2):
         # Each rank saw half of every global batch; the all-reduced gradient differs from one
-        # process's only in the order of float sums.
-        assert relative_difference(one, weights(run, STEPS), skip=GRADIENT_FREE) < 1e-5
-        assert relative_difference(ema_weights(single), ema_weights(run), skip=GRADIENT_FREE) < 1e-5
+        # process's only in the order of float sums. Adam scales each entry's step by its own
+        # gradient history, so that noise moves small tensors (a norm's bias) by ~1e-5 of their
+        # norm; a rank's lost batch would move them by orders more.
+        assert relative_difference(one, weights(run, STEPS), skip=GRADIENT_FREE) < 1e-4
+        assert relative_difference(ema_weights(single), ema_weights(run), skip=GRADIENT_FREE) < 1e-4
         assert stats_steps(run) == list(range(1, STEPS + 1))
         info = json.loads((run / "train" / "model" / "train.json").read_text())
         assert info["processes"] == 2
