@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from conftest import PARAMS
 
-from blossom.classifier import HEADS, load_classifier, render, train_classifier
+from blossom.classifier import (
+    HEADS,
+    _procedural,
+    accuracy,
+    load_classifier,
+    provide_classifier,
+    render,
+    train_classifier,
+)
 from blossom.config import load_config
 from blossom.data import synthetic
 from blossom.errors import BlossomError
@@ -30,6 +38,21 @@ def classifier(tmp_path_factory):
     model, info = load_classifier(folder, 32)
     assert info["ceiling"] == ceiling
     return model, ceiling, folder
+
+
+def test_the_shipped_judge_serves_the_default_settings_and_reads_flowers_it_never_saw(tmp_path):
+    # The judge shipped for the default settings is only worth shipping while the renderer draws
+    # what it was trained on: 600 flowers from a seed no judge trained or tested on must read as well.
+    cfg = load_config(PARAMS)
+    ceiling, source = provide_classifier(cfg, tmp_path / "judge")
+    assert source == "shipped with blossom" and min(ceiling.values()) >= 0.97
+    model, _ = load_classifier(tmp_path / "judge", 64)
+    x, y = _procedural(20261127, 600, 64, workers=1)
+    assert all(acc >= 0.97 for acc in accuracy(model, x, y).values()), accuracy(model, x, y)
+    # Other settings train a judge of their own.
+    other = load_config(PARAMS, overrides=["evaluate.classifier_train_size=64", "evaluate.classifier_test_size=32"])
+    _, source = provide_classifier(other, tmp_path / "other")
+    assert source == "trained"
 
 
 def test_classifier_reads_colour_and_background_after_a_short_training(classifier):

@@ -95,12 +95,17 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
+def is_code(dep: str) -> bool:
+    """A module a stage runs, as opposed to a data file shipped in the package (the judge's weights)."""
+    return dep.strip().removeprefix("- ").startswith("src/") and dep.endswith(".py")
+
+
 def test_each_stage_depends_on_exactly_the_code_it_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert set(stages) == set(STAGE_MODULES)
     graph = import_graph()
     for name, stage in stages.items():
-        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/")}
+        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and is_code(d)}
         assert listed == source_files(closure(graph, STAGE_MODULES[name])), f"{name}: run python tests/test_layout.py"
 
 
@@ -121,8 +126,8 @@ def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:
     for line in lines:
         if m := re.match(r"^  ([a-z-]+):", line):
             stage = m.group(1)
-        if line.startswith("      - src/blossom/"):
-            if out[-1].startswith("      - src/blossom/"):
+        if line.startswith("      - src/blossom/") and is_code(line):
+            if out[-1].startswith("      - src/blossom/") and is_code(out[-1]):
                 continue
             out += [f"      - {f}" for f in sorted(source_files(closure(graph, STAGE_MODULES[stage])))]
             continue

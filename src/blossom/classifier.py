@@ -3,12 +3,17 @@
 A small CNN reads petal colour, background, petal count and petal shape from an image. It is
 trained on fresh procedural flowers (its own seed: it never sees the diffusion model's training
 images), and its accuracy on more fresh flowers is the ceiling of any adherence it reports.
+
+The judge for the default settings ships with blossom (assets/classifier): every run and every
+machine is then scored by the same weights, and a fresh `make run` spends its minutes on the
+model instead. Other settings (another image size, more images) train one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,7 @@ HEADS: dict[str, list] = {
     "petal_shape": list(synthetic.PETAL_SHAPES),
 }
 CLASSIFIER_SEED = 777
+SHIPPED = Path(__file__).parent / "assets" / "classifier"
 FORMAT = 2  # format 1 (2x2 pooled features, 6,000 training images) read petal count at 0.80
 
 
@@ -167,10 +173,41 @@ def train_classifier(cfg: Config, out_dir: Path) -> dict:
         save_file(model.state_dict(), tmp / "classifier.safetensors")
         write_json(
             tmp / "classifier.json",
-            {"format": FORMAT, "image_size": size, "heads": HEADS, "ceiling": ceiling, "test_images": len(xt)},
+            {"format": FORMAT, **_settings(cfg), "heads": HEADS, "ceiling": ceiling},
         )
     log.info("attribute classifier accuracy on fresh random flowers: %s", ceiling)
     return ceiling
+
+
+def _settings(cfg: Config) -> dict:
+    """What decides the judge's weights: the same settings train the same judge."""
+    e = cfg.evaluate
+    return {
+        "image_size": cfg.data.image_size,
+        "train_images": e.classifier_train_size,
+        "test_images": e.classifier_test_size,
+        "epochs": e.classifier_epochs,
+    }
+
+
+def shipped_fits(cfg: Config) -> bool:
+    """Whether the judge shipped with blossom was trained with these settings."""
+    info = json.loads((SHIPPED / "classifier.json").read_text())
+    return (
+        info["format"] == FORMAT
+        and info["heads"] == json.loads(json.dumps(HEADS))
+        and all(info.get(k) == v for k, v in _settings(cfg).items())
+    )
+
+
+def provide_classifier(cfg: Config, out_dir: Path, retrain: bool = False) -> tuple[dict, str]:
+    """The judge in out_dir: the shipped one where the settings fit (unless retrain), else a trained one."""
+    if retrain or not shipped_fits(cfg):
+        return train_classifier(cfg, out_dir), "trained"
+    with atomic_dir(out_dir) as tmp:
+        for name in ("classifier.safetensors", "classifier.json"):
+            shutil.copyfile(SHIPPED / name, tmp / name)
+    return json.loads((out_dir / "classifier.json").read_text())["ceiling"], "shipped with blossom"
 
 
 def load_classifier(folder: Path, image_size: int) -> tuple[AttributeClassifier, dict]:

@@ -203,11 +203,11 @@ def cmd_pull_data(cfg: Config, paths: Paths, args) -> None:
 
 
 def cmd_classifier(cfg: Config, paths: Paths, args) -> None:
-    from blossom.classifier import train_classifier
+    from blossom.classifier import provide_classifier
 
-    ceiling = train_classifier(cfg, paths.classifier)
+    ceiling, source = provide_classifier(cfg, paths.classifier, retrain=getattr(args, "retrain", False))
     save_config(cfg, paths.classifier / "config.yaml")
-    print(f"classifier: accuracy on fresh random procedural flowers {ceiling} -> {paths.classifier}")
+    print(f"classifier ({source}): accuracy on fresh random procedural flowers {ceiling} -> {paths.classifier}")
 
 
 def _classifier_unless_current(cfg: Config, paths: Paths, args) -> None:
@@ -692,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("push-cache", help="write the cache to object storage, for training that streams it")
     s.add_argument("--to", metavar="URL", help="s3://bucket/prefix (default: train.cache_url)")
     s.set_defaults(fn=cmd_push_cache)
+    stage["classifier"].add_argument(
+        "--retrain", action="store_true", help="train a judge here even where the one shipped with blossom fits"
+    )
     stage["train"].add_argument(
         "--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint folder"
     )

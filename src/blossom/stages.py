@@ -19,7 +19,7 @@ class Stage:
     summary: str  # the verb's help
     modules: tuple[str, ...]  # what its command runs (cli.py itself aside: a help-text edit reruns nothing)
     reads: tuple[str, ...]  # the config it depends on: whole sections, or section.key
-    deps: tuple[str, ...] = ()  # earlier stages' outputs it reads
+    deps: tuple[str, ...] = ()  # earlier stages' outputs it reads (and data shipped in the package)
     outs: tuple[str, ...] = ()
     dvc_args: str = ""  # what the DVC stage adds to `blossom <name>`
     in_run: bool = True  # `blossom run` runs it (push-data needs a remote of your own: DVC only)
@@ -64,7 +64,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "classifier",
-        "train the attribute classifier that scores prompt adherence",
+        "the attribute classifier that scores prompt adherence (shipped for the default settings, else trained)",
         ("blossom.classifier",),
         (
             "data.image_size",
@@ -72,6 +72,7 @@ STAGES: tuple[Stage, ...] = (
             "evaluate.classifier_test_size",
             "evaluate.classifier_epochs",
         ),
+        deps=("src/blossom/assets/classifier",),
         outs=("outputs/classifier",),
     ),
     Stage(
