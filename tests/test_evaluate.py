@@ -12,6 +12,7 @@ from blossom.classifier import (
     load_classifier,
     provide_classifier,
     render,
+    shipped_fits,
     train_classifier,
 )
 from blossom.config import load_config
@@ -40,7 +41,7 @@ def classifier(tmp_path_factory):
     return model, ceiling, folder
 
 
-def test_the_shipped_judge_serves_the_default_settings_and_reads_flowers_it_never_saw(tmp_path):
+def test_the_shipped_judge_serves_the_default_settings_and_reads_flowers_it_never_saw(tmp_path, monkeypatch):
     # The judge shipped for the default settings is only worth shipping while the renderer draws
     # what it was trained on: 600 flowers from a seed no judge trained or tested on must read as well.
     cfg = load_config(PARAMS)
@@ -53,6 +54,9 @@ def test_the_shipped_judge_serves_the_default_settings_and_reads_flowers_it_neve
     other = load_config(PARAMS, overrides=["evaluate.classifier_train_size=64", "evaluate.classifier_test_size=32"])
     _, source = provide_classifier(other, tmp_path / "other")
     assert source == "trained"
+    # An install without the package's data files trains one too, rather than failing.
+    monkeypatch.setattr("blossom.classifier.SHIPPED", tmp_path / "missing")
+    assert not shipped_fits(cfg)
 
 
 def test_classifier_reads_colour_and_background_after_a_short_training(classifier):

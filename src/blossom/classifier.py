@@ -191,8 +191,12 @@ def _settings(cfg: Config) -> dict:
 
 
 def shipped_fits(cfg: Config) -> bool:
-    """Whether the judge shipped with blossom was trained with these settings."""
-    info = json.loads((SHIPPED / "classifier.json").read_text())
+    """Whether the judge shipped with blossom was trained with these settings (an install
+    without the package's data files trains one, as for other settings)."""
+    path = SHIPPED / "classifier.json"
+    if not path.exists():
+        return False
+    info = json.loads(path.read_text())
     return (
         info["format"] == FORMAT
         and info["heads"] == json.loads(json.dumps(HEADS))
