@@ -7,6 +7,7 @@ import re
 
 import yaml
 from conftest import PARAMS
+from test_layout import is_code
 
 from blossom import cli
 from blossom.stages import STAGES, needed_by
@@ -24,9 +25,7 @@ def test_dvc_yaml_has_the_registrys_stages_commands_inputs_and_outputs_in_its_or
     for s in STAGES:
         stage = dvc[s.name]
         assert stage["cmd"] == s.command, s.name
-        assert [d for d in stage.get("deps", []) if not (d.startswith("src/") and d.endswith(".py"))] == list(s.deps), (
-            s.name
-        )
+        assert [d for d in stage.get("deps", []) if not is_code(d)] == list(s.deps), s.name
         assert outs(stage["outs"]) == list(s.outs), s.name
     # (code deps and params: tests/test_layout.py and tests/test_dvc.py, from the same registry)
 

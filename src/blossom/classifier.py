@@ -173,13 +173,13 @@ def train_classifier(cfg: Config, out_dir: Path) -> dict:
         save_file(model.state_dict(), tmp / "classifier.safetensors")
         write_json(
             tmp / "classifier.json",
-            {"format": FORMAT, **_settings(cfg), "heads": HEADS, "ceiling": ceiling},
+            {"format": FORMAT, **judge_settings(cfg), "heads": HEADS, "ceiling": ceiling},
         )
     log.info("attribute classifier accuracy on fresh random flowers: %s", ceiling)
     return ceiling
 
 
-def _settings(cfg: Config) -> dict:
+def judge_settings(cfg: Config) -> dict:
     """What decides the judge's weights: the same settings train the same judge."""
     e = cfg.evaluate
     return {
@@ -200,7 +200,7 @@ def shipped_fits(cfg: Config) -> bool:
     return (
         info["format"] == FORMAT
         and info["heads"] == json.loads(json.dumps(HEADS))
-        and all(info.get(k) == v for k, v in _settings(cfg).items())
+        and all(info.get(k) == v for k, v in judge_settings(cfg).items())
     )
 
 

@@ -212,16 +212,12 @@ def cmd_classifier(cfg: Config, paths: Paths, args) -> None:
 
 def _classifier_unless_current(cfg: Config, paths: Paths, args) -> None:
     """`blossom run` trains the classifier once and reuses it while its settings stay the same."""
-    from blossom.classifier import load_classifier
-
-    def settings(c: Config) -> tuple:
-        e = c.evaluate
-        return (e.classifier_train_size, e.classifier_test_size, e.classifier_epochs)
+    from blossom.classifier import judge_settings, load_classifier
 
     saved = paths.classifier / "config.yaml"
     try:
         load_classifier(paths.classifier, cfg.data.image_size)
-        same = saved.exists() and settings(load_config(saved)) == settings(cfg)
+        same = saved.exists() and judge_settings(load_config(saved)) == judge_settings(cfg)
     except BlossomError:
         same = False
     if same:
