@@ -37,6 +37,7 @@ HEADS: dict[str, list] = {
     "petal_count": list(synthetic.PETAL_COUNTS),
     "petal_shape": list(synthetic.PETAL_SHAPES),
 }
+HEADS_AS_SAVED = json.loads(json.dumps(HEADS))  # how classifier.json holds them, to compare with what it says
 CLASSIFIER_SEED = 777
 SHIPPED = Path(__file__).parent / "assets" / "classifier"
 FORMAT = 2  # format 1 (2x2 pooled features, 6,000 training images) read petal count at 0.80
@@ -190,28 +191,30 @@ def judge_settings(cfg: Config) -> dict:
     }
 
 
-def shipped_fits(cfg: Config) -> bool:
-    """Whether the judge shipped with blossom was trained with these settings (an install
-    without the package's data files trains one, as for other settings)."""
+def shipped_fits(cfg: Config) -> dict | None:
+    """The shipped judge's classifier.json when it was trained with these settings, else None
+    (an install without the package's data files trains one, as for other settings)."""
     path = SHIPPED / "classifier.json"
     if not path.exists():
-        return False
+        return None
     info = json.loads(path.read_text())
-    return (
+    fits = (
         info["format"] == FORMAT
-        and info["heads"] == json.loads(json.dumps(HEADS))
+        and info["heads"] == HEADS_AS_SAVED
         and all(info.get(k) == v for k, v in judge_settings(cfg).items())
     )
+    return info if fits else None
 
 
 def provide_classifier(cfg: Config, out_dir: Path, retrain: bool = False) -> tuple[dict, str]:
     """The judge in out_dir: the shipped one where the settings fit (unless retrain), else a trained one."""
-    if retrain or not shipped_fits(cfg):
+    shipped = None if retrain else shipped_fits(cfg)
+    if shipped is None:
         return train_classifier(cfg, out_dir), "trained"
     with atomic_dir(out_dir) as tmp:
         for name in ("classifier.safetensors", "classifier.json"):
             shutil.copyfile(SHIPPED / name, tmp / name)
-    return json.loads((out_dir / "classifier.json").read_text())["ceiling"], "shipped with blossom"
+    return shipped["ceiling"], "shipped with blossom"
 
 
 def load_classifier(folder: Path, image_size: int) -> tuple[AttributeClassifier, dict]:
@@ -227,7 +230,7 @@ def load_classifier(folder: Path, image_size: int) -> tuple[AttributeClassifier,
             f"the classifier in {folder} reads {info['image_size']} px images but the model draws {image_size} px: "
             f"run `blossom classifier` with data.image_size={image_size}"
         )
-    if info["heads"] != json.loads(json.dumps(HEADS)):
+    if info["heads"] != HEADS_AS_SAVED:
         raise BlossomError(
             f"the classifier in {folder} knows other attribute values than the procedural flowers: "
             "run `blossom classifier` again"
