@@ -12,7 +12,7 @@ from blossom.classifier import (
     load_classifier,
     provide_classifier,
     render,
-    shipped_fits,
+    shipped_info,
     train_classifier,
 )
 from blossom.config import load_config
@@ -56,7 +56,7 @@ def test_the_shipped_judge_serves_the_default_settings_and_reads_flowers_it_neve
     assert source == "trained"
     # An install without the package's data files trains one too, rather than failing.
     monkeypatch.setattr("blossom.classifier.SHIPPED", tmp_path / "missing")
-    assert not shipped_fits(cfg)
+    assert shipped_info(cfg) is None
 
 
 def test_classifier_reads_colour_and_background_after_a_short_training(classifier):

@@ -191,9 +191,9 @@ def judge_settings(cfg: Config) -> dict:
     }
 
 
-def shipped_fits(cfg: Config) -> dict | None:
+def shipped_info(cfg: Config) -> dict | None:
     """The shipped judge's classifier.json when it was trained with these settings, else None
-    (an install without the package's data files trains one, as for other settings)."""
+    (then a judge is trained: other settings, or an install without the package's data files)."""
     path = SHIPPED / "classifier.json"
     if not path.exists():
         return None
@@ -208,7 +208,7 @@ def shipped_fits(cfg: Config) -> dict | None:
 
 def provide_classifier(cfg: Config, out_dir: Path, retrain: bool = False) -> tuple[dict, str]:
     """The judge in out_dir: the shipped one where the settings fit (unless retrain), else a trained one."""
-    shipped = None if retrain else shipped_fits(cfg)
+    shipped = None if retrain else shipped_info(cfg)
     if shipped is None:
         return train_classifier(cfg, out_dir), "trained"
     with atomic_dir(out_dir) as tmp:
