@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -82,26 +84,45 @@ def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepare
     assert fast_folder(out, out / "model") == out / "model"
 
 
-def test_distil_resumes_bit_equal(student, micro_exported, micro_prepared, tmp_path):
-    """Two steps, stop, resume to four: the same student and target as four steps straight."""
-    teacher, _, _ = micro_exported
-    cfg, paths = micro_prepared
-    distill(micro_distill_cfg(cfg, steps=2), paths.cache, teacher, tmp_path)
-    resumed = distill(micro_distill_cfg(cfg), paths.cache, teacher, tmp_path, resume="auto")
-    straight, _ = student
-    assert resumed["loss_history"] == student[1]["loss_history"]
+def killed_after(full, cut, step: int):
+    """What survives of `full`'s run killed after `step`: that checkpoint, `latest` and the run's id."""
+    (cut / "checkpoints").mkdir(parents=True)
+    name = f"step-{step:06d}"
+    shutil.copytree(full / "checkpoints" / name, cut / "checkpoints" / name)
+    (cut / "checkpoints" / "latest").write_text(name + "\n")
+    shutil.copy(full / "checkpoints" / "run.txt", cut / "checkpoints" / "run.txt")
+    return cut
+
+
+def same_weights(a_dir, b_dir, step: int = 4):
     for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(straight / "checkpoints" / "step-000004" / name)
-        b = load_file(tmp_path / "checkpoints" / "step-000004" / name)
+        a = load_file(a_dir / "checkpoints" / f"step-{step:06d}" / name)
+        b = load_file(b_dir / "checkpoints" / f"step-{step:06d}" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_changed_setting_does_not_resume(student, micro_exported, micro_prepared, tmp_path):
+def test_distil_resumes_bit_equal(student, micro_exported, micro_prepared, tmp_path, caplog):
+    """Killed after step 2 of 4, `--resume auto` continues it: the same student and target as four steps straight."""
     teacher, _, _ = micro_exported
     cfg, paths = micro_prepared
-    distill(micro_distill_cfg(cfg, steps=2), paths.cache, teacher, tmp_path)
-    again = distill(micro_distill_cfg(cfg, steps=2, lr=5e-4), paths.cache, teacher, tmp_path, resume="auto")
-    assert [h[0] for h in again["loss_history"]] == [1, 2]  # started afresh
+    straight, result = student
+    cut = killed_after(straight, tmp_path / "cut", 2)
+    with caplog.at_level(logging.INFO, logger="blossom"):
+        resumed = distill(micro_distill_cfg(cfg), paths.cache, teacher, cut, resume="auto")
+    assert "resumed from step-000002 at step 2" in caplog.text
+    assert resumed["loss_history"] == result["loss_history"]
+    same_weights(straight, cut)
+
+
+def test_a_changed_setting_does_not_resume(student, micro_exported, micro_prepared, tmp_path, caplog):
+    teacher, _, _ = micro_exported
+    cfg, paths = micro_prepared
+    cut = killed_after(student[0], tmp_path / "cut", 2)
+    with caplog.at_level(logging.INFO, logger="blossom"):
+        again = distill(micro_distill_cfg(cfg, lr=5e-4), paths.cache, teacher, cut, resume="auto")
+    assert "resumed" not in caplog.text
+    assert [h[0] for h in again["loss_history"]] == [1, 2, 3, 4]  # started afresh, at the new rate
+    assert again["loss_history"][1] != student[1]["loss_history"][1]
 
 
 @pytest.fixture(scope="module")
