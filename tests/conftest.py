@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,17 @@ MICRO = [
     "evaluate.batch_size=40",
     "tracking.live=false",  # tests that start blossom train would otherwise write mlflow.db where they run
 ]
+
+
+def killed_after(out_dir: Path, cut: Path, step: int) -> Path:
+    """What a run writing to out_dir leaves when killed after `step`, copied to cut: that
+    checkpoint, `latest` and the run's id (`run.txt`, which `--resume auto` matches)."""
+    name = f"step-{step:06d}"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out_dir / "checkpoints" / name, cut / "checkpoints" / name)
+    (cut / "checkpoints" / "latest").write_text(name + "\n")
+    shutil.copy(out_dir / "checkpoints" / "run.txt", cut / "checkpoints" / "run.txt")
+    return cut
 
 
 def micro_args(outputs: Path | None = None) -> list[str]:

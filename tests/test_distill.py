@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import killed_after
 from safetensors.torch import load_file
 
 from blossom.backends import TorchBackend, fast_folder, physical_cores
@@ -84,20 +84,11 @@ def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepare
     assert fast_folder(out, out / "model") == out / "model"
 
 
-def killed_after(full, cut, step: int):
-    """What survives of `full`'s run killed after `step`: that checkpoint, `latest` and the run's id."""
-    (cut / "checkpoints").mkdir(parents=True)
-    name = f"step-{step:06d}"
-    shutil.copytree(full / "checkpoints" / name, cut / "checkpoints" / name)
-    (cut / "checkpoints" / "latest").write_text(name + "\n")
-    shutil.copy(full / "checkpoints" / "run.txt", cut / "checkpoints" / "run.txt")
-    return cut
-
-
-def same_weights(a_dir, b_dir, step: int = 4):
+def same_weights(a_dir, b_dir):
+    """The student and target of two runs' step-4 checkpoints, bit for bit."""
     for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(a_dir / "checkpoints" / f"step-{step:06d}" / name)
-        b = load_file(b_dir / "checkpoints" / f"step-{step:06d}" / name)
+        a = load_file(a_dir / "checkpoints" / "step-000004" / name)
+        b = load_file(b_dir / "checkpoints" / "step-000004" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

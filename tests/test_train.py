@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import killed_after
 from safetensors.torch import load_file
 
 from blossom.data.cache import load_cache
@@ -73,10 +74,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_pat
     full = tmp_path / "full"
     train_diffusion(cfg, paths.cache, paths.vae, full)
     # A run "killed" after step 2: only its step-2 checkpoint and stats up to step 3 survive.
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-000002", cut / "checkpoints" / "step-000002")
-    (cut / "checkpoints" / "latest").write_text("step-000002\n")
+    cut = killed_after(full, tmp_path / "cut", 2)
     (cut / "stats.jsonl").write_text("".join((full / "stats.jsonl").read_text().splitlines(keepends=True)[:3]))
     result = train_diffusion(cfg, paths.cache, paths.vae, cut, resume="latest")
     a = load_file(full / "checkpoints" / "step-000004" / "model.safetensors")
