@@ -21,7 +21,7 @@ from timing import median_seconds
 
 from blossom.backends import OnnxBackend, load_backend, physical_cores
 from blossom.layout import has_int8
-from blossom.sampling import sample
+from blossom.sampling import FAST_SAMPLER, sample
 
 PROMPT = "a red flower with five round petals on green grass"
 
@@ -42,13 +42,17 @@ def main() -> None:
         t8 = OnnxBackend(teacher_dir, precision="int8")
         fns["teacher int8 unipc-15"] = lambda seed: sample(t8, [PROMPT], "unipc", 15, 5.0, seed)
     for n in (1, 2, 4, 8):
-        fns[f"student fp32 lcm-{n}"] = lambda seed, n=n: sample(student, [PROMPT], "lcm", n, 5.0, seed)
+        fns[f"student fp32 {FAST_SAMPLER}-{n}"] = lambda seed, n=n: sample(
+            student, [PROMPT], FAST_SAMPLER, n, 5.0, seed
+        )
     if has_int8(student_dir):
         s8 = OnnxBackend(student_dir, precision="int8")
-        fns["student int8 lcm-4"] = lambda seed: sample(s8, [PROMPT], "lcm", 4, 5.0, seed)
+        fns[f"student int8 {FAST_SAMPLER}-4"] = lambda seed: sample(s8, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
         # what fitting the student's threads at load bought: the same graphs on every core
         s8_all = OnnxBackend(student_dir, threads=physical_cores(), precision="int8")
-        fns["student int8 lcm-4, all cores"] = lambda seed: sample(s8_all, [PROMPT], "lcm", 4, 5.0, seed)
+        fns[f"student int8 {FAST_SAMPLER}-4, all cores"] = lambda seed: sample(
+            s8_all, [PROMPT], FAST_SAMPLER, 4, 5.0, seed
+        )
         print(f"threads fitted at load: teacher {teacher.threads}, int8 student {s8.threads}")
     auto = load_backend("onnx", student_dir, "auto")
     print(f"--precision auto on this CPU: {auto.precision} ({auto.precision_why})")

@@ -28,7 +28,7 @@ from timing import median_seconds
 
 from blossom.backends import OnnxBackend, TorchBackend, physical_cores
 from blossom.layout import unet_feed
-from blossom.sampling import sample
+from blossom.sampling import FAST_SAMPLER, sample
 
 PROMPT = "a red flower with five round petals on green grass"
 RUNS = [("ddim", 30), ("dpm++2m", 15), ("unipc", 10)]
@@ -105,7 +105,7 @@ def build(root: Path) -> Path:
 
 
 def student_of(model: Path, folder: Path) -> Path:
-    """A student-shaped copy: the same UNet with a guidance-embedding input and the LCM scheduler,
+    """A student-shaped copy: the same UNet with a guidance-embedding input and the student scheduler,
     laid out as `blossom distill` writes it (the weights are random either way)."""
     import json
 
@@ -163,7 +163,7 @@ def main() -> None:
         fns["onnx int8 unipc-10"] = lambda seed: sample(int8, [PROMPT], "unipc", 10, 5.0, seed)
         # the few-step path: a distilled student's graphs (guidance embedded), 4 steps, int8
         fast = OnnxBackend(folder / "fast", precision="int8")
-        fns["onnx int8 student lcm-4"] = lambda seed: sample(fast, [PROMPT], "lcm", 4, 5.0, seed)
+        fns[f"onnx int8 student {FAST_SAMPLER}-4"] = lambda seed: sample(fast, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
         if args.torch:
             eager = TorchBackend(folder)
             fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)

@@ -526,6 +526,7 @@ CASES = [
     ("distill a student", lambda root: ["distill", "--teacher", str(fake_student(root))], 2, "already a distilled"),
     ("fast without a student", S("generate", "x", "--fast"), 2, "holds no distilled model"),
     ("lcm sampler on a teacher", S("generate", "x", "--sampler", "lcm"), 2, "draws with distilled models only"),
+    ("tcd sampler on a teacher", S("generate", "x", "--sampler", "tcd"), 2, "draws with distilled models only"),
     (
         "teacher sampler on a student",
         lambda root: ["generate", "x", "--model", str(fake_student(root)), "--sampler", "ddim"],

@@ -67,20 +67,25 @@ def test_the_student_starts_as_the_teacher(micro_exported):
 def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepared):
     out, result = student
     info = json.loads((out / "model" / "blossom.json").read_text())["distilled"]
-    assert info["default_steps"] == 4 and info["sampler"] == "lcm" and info["guidance_embedding_dim"] == 16
+    assert info["default_steps"] == 4 and info["sampler"] == "tcd" and info["guidance_embedding_dim"] == 16
     assert [h[0] for h in result["loss_history"]] == [1, 2, 3, 4]
     assert (
-        json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+        json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "TCDScheduler"
     )
     backend = TorchBackend(out / "model")
-    a = sample(backend, ["a red flower", "a blue flower"], "lcm", 2, 5.0, seed=3)
-    b = sample(backend, ["a blue flower"], "lcm", 2, 5.0, seed=4)
-    # Image i depends on seed + i only; a batch of 2 and a batch of 1 sum in another order, which
-    # may move a pixel across a rounding boundary.
-    assert a.shape == (2, 32, 32, 3) and np.abs(a[1].astype(int) - b[0]).max() <= 1
-    la = denoise(backend, ["a red flower", "a blue flower"], "lcm", 2, 5.0, seed=3)
-    lb = denoise(backend, ["a blue flower"], "lcm", 2, 5.0, seed=4)
-    assert torch.allclose(la[1], lb[0], atol=1e-5)
+    latents = {}
+    for sampler in ("tcd", "lcm"):  # the student's own sampler, and LCM's, which draws any student too
+        a = sample(backend, ["a red flower", "a blue flower"], sampler, 2, 5.0, seed=3)
+        b = sample(backend, ["a blue flower"], sampler, 2, 5.0, seed=4)
+        # Image i depends on seed + i only; a batch of 2 and a batch of 1 sum in another order, which
+        # may move a pixel across a rounding boundary.
+        assert a.shape == (2, 32, 32, 3) and np.abs(a[1].astype(int) - b[0]).max() <= 1
+        la = denoise(backend, ["a red flower", "a blue flower"], sampler, 2, 5.0, seed=3)
+        lb = denoise(backend, ["a blue flower"], sampler, 2, 5.0, seed=4)
+        assert torch.allclose(la[1], lb[0], atol=1e-5)
+        latents[sampler] = la
+    # one step is the same x0 estimate for both; after that lcm draws fresh noise and tcd does not
+    assert not torch.allclose(latents["tcd"], latents["lcm"], atol=1e-3)
     assert fast_folder(out, out / "model") == out / "model"
 
 
@@ -128,9 +133,11 @@ def exported(student, micro_exported, tmp_path_factory):
 
 
 def test_exported_student_loads_in_diffusers_and_matches_blossom(exported, tmp_path):
-    """The fast/ folder: DiffusionPipeline picks the LCM pipeline with no blossom code and draws
-    blossom's image for the same seed; its ONNX graphs hold the parity bar."""
-    from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline
+    """The fast/ folder: DiffusionPipeline picks StableDiffusionPipeline with the student's
+    TCDScheduler with no blossom code and draws blossom's image for the same seed (its default eta
+    is blossom's gamma 0), and LatentConsistencyModelPipeline with an LCMScheduler draws blossom's
+    lcm image; its ONNX graphs hold the parity bar."""
+    from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
     from blossom.backends import OnnxBackend
 
@@ -138,12 +145,16 @@ def test_exported_student_loads_in_diffusers_and_matches_blossom(exported, tmp_p
     assert diffs["fast_unet"] < 1e-4 and diffs["fast_image"] < 1e-3
     fast = folder / "fast"
     pipe = DiffusionPipeline.from_pretrained(fast)
-    assert isinstance(pipe, LatentConsistencyModelPipeline)
+    assert isinstance(pipe, StableDiffusionPipeline) and type(pipe.scheduler).__name__ == "TCDScheduler"
+    lcm = LatentConsistencyModelPipeline(
+        **{**pipe.components, "scheduler": LCMScheduler.from_config(pipe.scheduler.config)}
+    )
     prompts = ["a red flower", "a white flower at night"]
-    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
-    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="np").images
-    ours = sample(TorchBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
-    assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
+    for sampler, stock in (("tcd", pipe), ("lcm", lcm)):
+        gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+        theirs = stock(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="np").images
+        ours = sample(TorchBackend(fast), prompts, sampler, 4, 5.0, seed=7)
+        assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1, sampler
     onnx = sample(OnnxBackend(fast), prompts, "lcm", 4, 5.0, seed=7)
     assert np.abs(onnx.astype(int) - ours.astype(int)).max() <= 2
     assert fast_folder(folder, tmp_path / "none") == fast
@@ -157,7 +168,7 @@ def test_a_students_threads_are_fitted_at_load_and_draw_the_same_bits(exported):
     assert set(fitted.threads) == {"text_encoder", "unet", "vae_decoder"}
     assert set(fitted.threads.values()) <= {1, physical_cores()}
     backends = (fitted, OnnxBackend(fast, threads=1), OnnxBackend(fast, threads=2))
-    images = [sample(b, ["a red flower"], "lcm", 4, 5.0, seed=3) for b in backends]
+    images = [sample(b, ["a red flower"], "tcd", 4, 5.0, seed=3) for b in backends]
     assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
 
 
@@ -177,15 +188,15 @@ def test_the_apps_fast_switch_serves_the_student(exported, micro_exported, monke
     assert at.slider[0].max == 8 and at.slider[0].value == 4
     prompt = "a pink flower with six thin petals at night"
     at = generate(at, prompt, n=2, seed=5)
-    assert "(lcm, 4 steps, guidance 5.0, seed 5)" in at.success[0].value
-    want = sample(load_backend("onnx", folder / "fast"), [prompt] * 2, "lcm", 4, 5.0, 5)
+    assert "(tcd, 4 steps, guidance 5.0, seed 5)" in at.success[0].value
+    want = sample(load_backend("onnx", folder / "fast"), [prompt] * 2, "tcd", 4, 5.0, 5)
     assert np.array_equal(at.session_state["result"]["images"], want)
 
 
 def test_steps_past_what_was_distilled_warn(student, caplog):
     out, _ = student
     backend = TorchBackend(out / "model")
-    sample(backend, ["a red flower"], "lcm", 9, 5.0)
+    sample(backend, ["a red flower"], "tcd", 9, 5.0)
     assert "past the 8 this model was distilled for" in caplog.text
 
 

@@ -53,16 +53,20 @@ def fast_folder(folder: Path, distilled: Path) -> Path:
 
 
 def check_scheduler(folder: Path, distilled: dict | None, scheduler_config: dict) -> None:
-    """A distilled UNet samples only with the LCM scheduler it was distilled for, and a teacher not with it."""
+    """A distilled UNet samples only with the consistency scheduler it was distilled for, and a teacher not with one."""
+    from blossom.sampling import FAST_SCHEDULERS
+
     kind = scheduler_config.get("_class_name")
-    if distilled and kind != "LCMScheduler":
+    consistency = {cls.__name__ for cls in FAST_SCHEDULERS.values()}
+    if distilled and kind not in consistency:
         raise ModelError(
             f"{folder} holds a distilled few-step UNet but a {kind} scheduler: its scheduler/ must be the "
-            "LCMScheduler `blossom distill` wrote; distil it again (or copy the student's scheduler/ back)"
+            f"{' or '.join(sorted(consistency))} `blossom distill` wrote; distil it again "
+            "(or copy the student's scheduler/ back)"
         )
-    if not distilled and kind == "LCMScheduler":
+    if not distilled and kind in consistency:
         raise ModelError(
-            f"{folder} has an LCMScheduler but no distilled UNet (blossom.json has no 'distilled' entry): "
+            f"{folder} has a {kind} but no distilled UNet (blossom.json has no 'distilled' entry): "
             "pass the teacher's own folder, or the student folder `blossom distill` wrote"
         )
 

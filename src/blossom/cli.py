@@ -320,7 +320,12 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
         # the student carries its scores at its default steps, as a champion does (card, app, export)
         write_json(
             paths.distill / "model" / "metrics.json",
-            {**default, "sampler": "lcm", "steps": cfg.distill.default_steps, "guidance": cfg.sample.guidance},
+            {
+                **default,
+                "sampler": backend.distilled["sampler"],
+                "steps": cfg.distill.default_steps,
+                "guidance": cfg.sample.guidance,
+            },
         )
         summary.update(
             holds_bar=holds, **{f"steps_{n}": m["adherence"]["all"]["all"] for n, m in metrics["steps"].items()}
@@ -527,9 +532,9 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
             f"--n times the number of prompts must be from 1 to {MAX_IMAGES_PER_CALL} images per call, "
             f"got {args.n} x {len(prompts)}"
         )
-    from blossom.sampling import FAST_SAMPLER
+    from blossom.sampling import FAST_SAMPLER, FAST_SAMPLERS
 
-    asked = FAST_SAMPLER if args.fast else args.sampler or cfg.sample.sampler
+    asked = args.sampler or (FAST_SAMPLER if args.fast else cfg.sample.sampler)
     check_request(
         asked, cfg.sample.steps if args.steps is None else args.steps, guidance, seed, total
     )  # before loading
@@ -543,12 +548,12 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     precision = args.precision or ("auto" if args.fast else "fp32")
     backend = load_backend(args.backend or default_backend(folder, args.precision), folder, precision)
     fast = backend.distilled
-    if fast and args.sampler not in (None, fast["sampler"]):
+    if fast and args.sampler not in (None, *FAST_SAMPLERS):
         raise BlossomError(
-            f"{folder} is a distilled few-step model: it draws with its own sampler, not --sampler {args.sampler} "
-            "(leave --sampler out)"
+            f"{folder} is a distilled few-step model: it draws with a consistency sampler "
+            f"(--sampler {' or '.join(FAST_SAMPLERS)}, or leave --sampler out), not --sampler {args.sampler}"
         )
-    sampler = fast["sampler"] if fast else args.sampler or cfg.sample.sampler
+    sampler = (args.sampler or fast["sampler"]) if fast else args.sampler or cfg.sample.sampler
     steps = (fast["default_steps"] if fast else cfg.sample.steps) if args.steps is None else args.steps
     check_request(sampler, steps, guidance, seed, total)
     if precision == "auto":

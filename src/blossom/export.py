@@ -78,11 +78,12 @@ class _VAEDecoder(torch.nn.Module):
 
 
 def write_pipeline(backend, out: Path) -> None:
-    """A diffusers pipeline folder from a loaded TorchBackend: StableDiffusionPipeline, or
-    LatentConsistencyModelPipeline for a distilled model (DiffusionPipeline picks either)."""
+    """A diffusers pipeline folder from a loaded TorchBackend: StableDiffusionPipeline (which feeds a
+    distilled UNet its guidance embedding and TCDScheduler its gamma, eta=0 by default), or
+    LatentConsistencyModelPipeline for a student of the lcm sampler (DiffusionPipeline picks either)."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    from blossom.sampling import FAST_SAMPLER, make_scheduler
+    from blossom.sampling import make_scheduler
 
     encoder = backend.text_encoder
     # The UNet was trained on states computed with the padding masked; diffusers passes the mask
@@ -90,13 +91,16 @@ def write_pipeline(backend, out: Path) -> None:
     encoder.model.config.use_attention_mask = True
     encoder.tokenizer.model_max_length = encoder.max_tokens
     parts = {"vae": backend.vae, "text_encoder": encoder.model, "tokenizer": encoder.tokenizer}
+    # steps_offset only shifts DDIM's "leading" spacing (the consistency schedulers ignore it); 1
+    # keeps StableDiffusionPipeline from warning about an old config
+    config = {**backend.scheduler_config, "steps_offset": 1}
     if backend.distilled:
-        pipeline = LatentConsistencyModelPipeline
-        scheduler = make_scheduler(FAST_SAMPLER, backend.scheduler_config)
+        own = backend.distilled["sampler"]
+        pipeline = LatentConsistencyModelPipeline if own == "lcm" else StableDiffusionPipeline
+        scheduler = make_scheduler(own, config)
     else:
         pipeline = StableDiffusionPipeline
-        # steps_offset only shifts "leading" spacing; 1 keeps diffusers from warning about an old config
-        scheduler = make_scheduler("ddim", {**backend.scheduler_config, "steps_offset": 1})
+        scheduler = make_scheduler("ddim", config)
     pipe = pipeline(
         **parts,
         unet=backend.unet_model,
@@ -165,9 +169,9 @@ CHECK_PROMPTS = ["a red flower with five round petals on green grass", "a white 
 def guided_sample(backend, steps: int = 4) -> torch.Tensor:
     """The check prompts' images in [-1, 1] (DDIM with guidance, or a distilled model's own sampler;
     seed 0), before rounding to 8 bits."""
-    from blossom.sampling import FAST_SAMPLER, denoise
+    from blossom.sampling import denoise
 
-    sampler = FAST_SAMPLER if backend.distilled else "ddim"
+    sampler = backend.distilled["sampler"] if backend.distilled else "ddim"
     return backend.decode_float(denoise(backend, CHECK_PROMPTS, sampler, steps, 5.0, 0))
 
 

@@ -112,13 +112,20 @@ def fast_section(folder: Path, repo_id: str, guidance: float) -> list[str]:
     if not info:
         return []
     metrics = _read(folder / "fast" / "metrics.json")
+    if info.get("sampler") == "lcm":
+        loads = "It loads as a `LatentConsistencyModelPipeline` (LCM's sampler)"
+    else:
+        loads = (
+            "It loads as a `StableDiffusionPipeline` with a `TCDScheduler` (deterministic consistency steps at the "
+            "pipeline's default `eta=0`; an `LCMScheduler` in a `LatentConsistencyModelPipeline` draws LCM's way)"
+        )
     lines = [
         "## Fast: the distilled few-step model",
         "",
         f"`fast/` holds a student distilled from this model by {info['method']} (LCM): "
         f"{info['default_steps']} steps by default (1 to {info['max_steps']}), one UNet call per step with the "
         f"guidance scale as an input (trained for {info['guidance_range'][0]:g} to {info['guidance_range'][1]:g}). "
-        "It loads as a `LatentConsistencyModelPipeline`, and has its own ONNX graphs in `fast/onnx/`.",
+        f"{loads}, and has its own ONNX graphs in `fast/onnx/`.",
         "",
         "```python",
         "from huggingface_hub import snapshot_download",

@@ -15,10 +15,11 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 from blossom.config import SampleConfig
+from blossom.sampling import FAST_SAMPLER
 
 ARTIFACT = "blossom"  # the name of the trained model folder among the pyfunc's artifacts
 PARAMS = {"sampler": SampleConfig.sampler, "steps": SampleConfig.steps, "guidance": SampleConfig.guidance, "seed": 0}
-FAST_PARAMS = {**PARAMS, "sampler": "lcm", "steps": 4}  # a distilled (`fast`) model's defaults
+FAST_PARAMS = {**PARAMS, "sampler": FAST_SAMPLER, "steps": 4}  # a distilled (`fast`) model's defaults
 
 
 def png_base64(image) -> str:

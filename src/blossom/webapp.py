@@ -17,7 +17,7 @@ import streamlit as st
 from blossom.env import app_settings
 from blossom.errors import BlossomError, first_line
 from blossom.images import png_bytes
-from blossom.sampling import FAST_SAMPLER, SAMPLERS
+from blossom.sampling import FAST_SAMPLERS, SAMPLERS
 from blossom.stats import adherence_table
 
 BACKEND_LABELS = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
@@ -198,7 +198,12 @@ def main() -> None:
         "int8 dot products, fp32 elsewhere",
     )
     if fast:
-        sampler = c1.selectbox("Sampler", [FAST_SAMPLER], disabled=True)
+        sampler = c1.selectbox(
+            "Sampler",
+            FAST_SAMPLERS,
+            key="fast-sampler",
+            help="tcd: deterministic consistency steps (sharper adherence here); lcm: fresh noise at every step",
+        )
         steps = c2.slider("Steps", 1, FAST_MAX_STEPS, min(int(start["steps"]), FAST_MAX_STEPS), key="fast-steps")
     else:
         sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index(start["sampler"]))

@@ -31,7 +31,7 @@ from blossom.errors import BlossomError, ModelError
 from blossom.fsutil import atomic_dir, write_json, write_text
 from blossom.memory import check_room, step_floor
 from blossom.models import n_params
-from blossom.sampling import FAST_SAMPLER, guidance_embedding
+from blossom.sampling import FAST_SAMPLER, FAST_SCHEDULERS, guidance_embedding
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
 
@@ -241,15 +241,15 @@ def distill(
 
 
 def write_student_files(teacher_dir: Path, folder: Path, cfg: Config, info: dict, result: dict) -> None:
-    from diffusers import LCMScheduler
-
     d = cfg.distill
     shutil.copytree(teacher_dir / "vae", folder / "vae")
     teacher_sched = json.loads((teacher_dir / "scheduler" / "scheduler_config.json").read_text())
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
-    base = {k: v for k, v in teacher_sched.items() if k in accepted}  # DDPM's variance_type has no LCM meaning
-    lcm = LCMScheduler(**base, original_inference_steps=d.solver_steps, timestep_scaling=TIMESTEP_SCALING)
-    lcm.save_pretrained(folder / "scheduler")
+    cls = FAST_SCHEDULERS[FAST_SAMPLER]
+    accepted = inspect.signature(cls.__init__).parameters
+    base = {k: v for k, v in teacher_sched.items() if k in accepted}  # DDPM's variance_type has no meaning here
+    cls(**base, original_inference_steps=d.solver_steps, timestep_scaling=TIMESTEP_SCALING).save_pretrained(
+        folder / "scheduler"
+    )
 
     def read(name: str) -> dict:
         return json.loads((teacher_dir / name).read_text()) if (teacher_dir / name).exists() else {}
