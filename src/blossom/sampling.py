@@ -150,7 +150,7 @@ def sample(
 
 
 def check_fast(backend: Backend, sampler: str, steps: int) -> None:
-    """A distilled model takes only its own sampler, and a teacher not that one."""
+    """A distilled model takes only the consistency samplers, and a teacher neither of them."""
     fast = getattr(backend, "distilled", None)
     if fast is None and sampler in FAST_SAMPLERS:
         raise BlossomError(
