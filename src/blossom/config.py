@@ -124,9 +124,9 @@ class SampleConfig:
 class DistillConfig:
     # `blossom distill`: latent consistency distillation (Luo et al. 2023) of the champion into a
     # student that draws in 1-8 steps with the guidance scale as an input (one UNet call per step).
-    # Off in `dvc repro` and `blossom run` unless enabled: it adds ~6 minutes to the tiny main job.
+    # Off in `dvc repro` and `blossom run` unless enabled: it adds ~5 minutes to the tiny main job.
     enabled: bool = False
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     lr: float = 1e-4
     guidance_min: float = 2.0  # the student learns every guidance scale in [min, max] (standard CFG scale)
