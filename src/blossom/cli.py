@@ -532,7 +532,7 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
             f"--n times the number of prompts must be from 1 to {MAX_IMAGES_PER_CALL} images per call, "
             f"got {args.n} x {len(prompts)}"
         )
-    from blossom.sampling import FAST_SAMPLER, FAST_SAMPLERS
+    from blossom.sampling import FAST_SAMPLER, check_sampler_fits
 
     asked = args.sampler or (FAST_SAMPLER if args.fast else cfg.sample.sampler)
     check_request(
@@ -548,12 +548,8 @@ def cmd_generate(cfg: Config, paths: Paths, args) -> None:
     precision = args.precision or ("auto" if args.fast else "fp32")
     backend = load_backend(args.backend or default_backend(folder, args.precision), folder, precision)
     fast = backend.distilled
-    if fast and args.sampler not in (None, *FAST_SAMPLERS):
-        raise BlossomError(
-            f"{folder} is a distilled few-step model: it draws with a consistency sampler "
-            f"(--sampler {' or '.join(FAST_SAMPLERS)}, or leave --sampler out), not --sampler {args.sampler}"
-        )
     sampler = (args.sampler or fast["sampler"]) if fast else args.sampler or cfg.sample.sampler
+    check_sampler_fits(backend, sampler)  # before --out is made
     steps = (fast["default_steps"] if fast else cfg.sample.steps) if args.steps is None else args.steps
     check_request(sampler, steps, guidance, seed, total)
     if precision == "auto":

@@ -149,7 +149,7 @@ def sample(
     return backend.decode(denoise(backend, prompts, sampler, steps, guidance, seed, progress))
 
 
-def check_fast(backend: Backend, sampler: str, steps: int) -> None:
+def check_sampler_fits(backend: Backend, sampler: str) -> None:
     """A distilled model takes only the consistency samplers, and a teacher neither of them."""
     fast = getattr(backend, "distilled", None)
     if fast is None and sampler in FAST_SAMPLERS:
@@ -162,6 +162,12 @@ def check_fast(backend: Backend, sampler: str, steps: int) -> None:
             f"this is a distilled few-step model: it draws with a consistency sampler "
             f"(--sampler {' or '.join(FAST_SAMPLERS)}, --steps {fast['default_steps']}), not {sampler}"
         )
+
+
+def check_fast(backend: Backend, sampler: str, steps: int) -> None:
+    """check_sampler_fits, and a warning for more steps than a student was distilled for."""
+    check_sampler_fits(backend, sampler)
+    fast = getattr(backend, "distilled", None)
     if fast is not None and steps > fast["max_steps"]:
         log.warning(
             "%d steps is past the %d this model was distilled for (%s by default): more steps only blur",
