@@ -8,7 +8,10 @@ Wilson intervals; `--images-per-pair 64` scores 2,880 images where the stage sco
 
     .venv/bin/python benchmarks/fast_samplers.py --student outputs/distill/model \\
         [--params params.yaml] [--classifier outputs/classifier] [--images-per-pair 16] \\
-        [--steps 1 2 4 8] [--samplers lcm tcd:0 tcd:0.3]
+        [--steps 1 2 4 8] [--samplers lcm tcd:0 tcd:0.3] [--guidance 1 3 8]
+
+`--guidance` scores the student served at each scale (the embedded guidance input); by default
+the scale params.yaml serves.
 """
 
 from __future__ import annotations
@@ -34,13 +37,20 @@ def main() -> None:
     ap.add_argument("--images-per-pair", type=int, default=16)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--samplers", nargs="+", default=["lcm", "tcd:0", "tcd:0.3"], help="lcm, or tcd:GAMMA")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="scales to serve (default: params')")
     args = ap.parse_args()
 
-    cfg = load_config(args.params, overrides=[f"evaluate.images_per_pair={args.images_per_pair}"])
+    overrides = [f"evaluate.images_per_pair={args.images_per_pair}"]
     backend = TorchBackend(args.student)
     own = backend.distilled
-    print(f"{args.student}: {own['method']}, drawn at guidance {cfg.sample.guidance:g}")
-    print("sampler  steps  " + "  ".join(f"{a:>22}" for a in ATTRIBUTES) + "  images  seconds")
+    print(f"{args.student}: {own['method']}")
+    print("guidance  sampler  steps  " + "  ".join(f"{a:>22}" for a in ATTRIBUTES) + "  images  seconds")
+    for w in args.guidance:
+        cfg = load_config(args.params, overrides=overrides + ([] if w is None else [f"sample.guidance={w}"]))
+        rows(cfg, backend, own, args, ap)
+
+
+def rows(cfg, backend, own, args, ap) -> None:
     for spec in args.samplers:
         name, _, gamma = spec.partition(":")
         if name not in sampling.FAST_SAMPLERS:
@@ -54,7 +64,10 @@ def main() -> None:
                 m = evaluate_fast(cfg, backend, args.classifier, Path(tmp), [n])["steps"][str(n)]
             a = m["adherence"]["all"]["all"]
             cells = "  ".join(f"{a[k]['acc']:.3f} [{a[k]['lo']:.2f}, {a[k]['hi']:.2f}]".rjust(22) for k in ATTRIBUTES)
-            print(f"{spec:<8} {n:>5}  {cells}  {m['images']:>6}  {time.time() - start:>7.0f}", flush=True)
+            print(
+                f"{cfg.sample.guidance:>8g}  {spec:<8} {n:>5}  {cells}  {m['images']:>6}  {time.time() - start:>7.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
