@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="scales to serve (default: params')")
     args = ap.parse_args()
 
+    for spec in args.samplers:
+        if spec.partition(":")[0] not in sampling.FAST_SAMPLERS:
+            ap.error(f"--samplers: {spec!r} is not lcm or tcd:GAMMA")
     overrides = [f"evaluate.images_per_pair={args.images_per_pair}"]
     backend = TorchBackend(args.student)
     own = backend.distilled
@@ -47,14 +50,13 @@ def main() -> None:
     print("guidance  sampler  steps  " + "  ".join(f"{a:>22}" for a in ATTRIBUTES) + "  images  seconds")
     for w in args.guidance:
         cfg = load_config(args.params, overrides=overrides + ([] if w is None else [f"sample.guidance={w}"]))
-        rows(cfg, backend, own, args, ap)
+        rows(cfg, backend, own, args)
 
 
-def rows(cfg, backend, own, args, ap) -> None:
+def rows(cfg, backend, own, args) -> None:
+    """One line per sampler and step count, at cfg's guidance."""
     for spec in args.samplers:
         name, _, gamma = spec.partition(":")
-        if name not in sampling.FAST_SAMPLERS:
-            ap.error(f"--samplers: {spec!r} is not lcm or tcd:GAMMA")
         if gamma:
             sampling.TCD_GAMMA = float(gamma)  # read at each call: the one knob this study turns
         backend.distilled = {**own, "sampler": name}
