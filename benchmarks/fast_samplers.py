@@ -26,6 +26,7 @@ from blossom.backends import TorchBackend
 from blossom.config import load_config
 from blossom.evaluate import evaluate_fast
 
+DEFAULT_GAMMA = sampling.TCD_GAMMA
 ATTRIBUTES = ("petal_color", "background", "petal_count", "petal_shape")
 
 
@@ -57,8 +58,9 @@ def rows(cfg, backend, own, args) -> None:
     """One line per sampler and step count, at cfg's guidance."""
     for spec in args.samplers:
         name, _, gamma = spec.partition(":")
-        if gamma:
-            sampling.TCD_GAMMA = float(gamma)  # read at each call: the one knob this study turns
+        # read at each call: the one knob this study turns; a bare `tcd` gets blossom's own gamma,
+        # not whatever an earlier `tcd:GAMMA` (or the previous guidance's round) left behind
+        sampling.TCD_GAMMA = float(gamma) if gamma else DEFAULT_GAMMA
         backend.distilled = {**own, "sampler": name}
         for n in args.steps:
             start = time.time()
