@@ -49,3 +49,23 @@ def test_petal_colour_dominates_the_flower_region():
         }
         nearest = max(near, key=near.get)
         assert nearest == f.petal_color, (i, f)
+
+
+def test_the_data_set_is_the_same_bytes_on_one_process_or_several(tmp_path):
+    # issue 15: drawing on every core must not change what the cache and training see
+    import hashlib
+
+    from blossom.config import DataConfig
+    from blossom.data.folder import write_synthetic
+
+    def digest(workers: int) -> str:
+        out = tmp_path / f"w{workers}"
+        write_synthetic(DataConfig(image_size=32, train_size=600, val_size=40, workers=workers), out)
+        h = hashlib.sha256()
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(out).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    assert digest(1) == digest(3)
+    assert sum(1 for _ in (tmp_path / "w3" / "train").glob("*.png")) == 600

@@ -33,7 +33,7 @@ class DataConfig:
     resize: Literal["crop", "squash", "pad"] = "crop"  # crop: short side, centre crop; squash: the original's
     small_images: Literal["upscale", "skip"] = "upscale"  # images smaller than image_size
     max_pixels: int = 64_000_000  # larger images are skipped without decoding (decompression-bomb guard)
-    workers: int = 0  # image decoding processes; 0: one per core
+    workers: int = 0  # processes that draw or decode images; 0: one per core
     random_flip: bool = True  # train on mirrored images half the time (their latents are cached too)
 
 

@@ -7,9 +7,11 @@ it, so everything downstream of `blossom data` sees one format.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,19 +37,47 @@ class Record:
     meta: dict
 
 
+def _draw_many(args: tuple[int, list[int], int]) -> list[tuple[bytes, str, dict]]:
+    seed, indices, size = args
+    out = []
+    for index in indices:
+        img, flower, text = synthetic.generate(seed, index, size)
+        buf = io.BytesIO()
+        img.save(buf, format="png", compress_level=1)
+        out.append((buf.getvalue(), text, synthetic.attributes(flower)))
+    return out
+
+
+def draw_all(seed: int, indices: range, size: int, workers: int):
+    """Yield (PNG bytes, caption, attributes) for each index in order, drawn on `workers` processes
+    (each flower depends on its seed and index alone, so the bytes do not depend on the count)."""
+    chunk = 256
+    chunks = [(seed, list(indices[i : i + chunk]), size) for i in range(0, len(indices), chunk)]
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
+    try:
+        for batch in pool.map(_draw_many, chunks) if pool else map(_draw_many, chunks):
+            yield from batch
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
 def write_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
     """Generate the procedural flowers into out_dir/{train,val}. Val draws other indices of the same seed."""
     counts = {}
+    workers = cfg.workers or len(os.sched_getaffinity(0))
     with atomic_dir(out_dir) as tmp:
         for split, n, offset in (("train", cfg.train_size, 0), ("val", cfg.val_size, 10_000_000)):
             d = tmp / split
             d.mkdir()
+            drawn = draw_all(cfg.seed, range(offset, offset + n), cfg.image_size, workers)
             with open(d / "metadata.jsonl", "w", encoding="utf-8") as meta:
-                for i in tqdm(range(n), desc=f"data {split}", unit="img", mininterval=1):
-                    img, flower, text = synthetic.generate(cfg.seed, offset + i, cfg.image_size)
+                for i, (png, text, attrs) in enumerate(
+                    tqdm(drawn, total=n, desc=f"data {split}", unit="img", mininterval=1)
+                ):
                     name = f"{i:06d}.png"
-                    img.save(d / name, compress_level=1)
-                    meta.write(json.dumps({"file_name": name, "text": text, **synthetic.attributes(flower)}) + "\n")
+                    (d / name).write_bytes(png)
+                    meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
             counts[split] = n
     return counts
 
