@@ -118,8 +118,9 @@ def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
 
     encoder = load_text_encoder(cfg.text)
     check_cross_attention(cfg, encoder.dim)  # before any encoding: the mismatch is a config error, not a training one
-    vae = load_vae(vae_dir(cfg, paths))
     rt = rt or distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
+    vae = load_vae(vae_dir(cfg, paths)).to(rt.device)
+    encoder.model.to(rt.device)
     info = build_cache(
         paths.data, paths.cache, vae, encoder, cfg.data.image_size, cfg.text.encoder, cfg.data.random_flip, rt
     )

@@ -72,8 +72,10 @@ class TextEncoder:
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         batch = tokenize(self.tokenizer, prompts, self.max_tokens)
+        device = self.model.device  # the cache stage encodes on a GPU when there is one
         out = self.model(
-            input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"])
+            input_ids=torch.from_numpy(batch["input_ids"]).to(device),
+            attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
         )
         return out.last_hidden_state.float()
 

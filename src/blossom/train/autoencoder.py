@@ -33,7 +33,10 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     images, _ = load_images(read_metadata(data_dir / "train"), cfg.data.image_size)
     val_images, _ = load_images(read_metadata(data_dir / "val")[:256], cfg.data.image_size)
     data, val = to_tensor(images), to_tensor(val_images)
-    vae = build_vae(c)
+    # the GPU when there is one (as train does); batches and random draws stay on the CPU, so the
+    # draws are the same whichever device trains
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = build_vae(c).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=c.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -46,6 +49,7 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         if c.crop < cfg.data.image_size:
             y0, x0 = torch.randint(cfg.data.image_size - c.crop + 1, (2,), generator=gen).tolist()
             x = x[:, :, y0 : y0 + c.crop, x0 : x0 + c.crop]
+        x = x.to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
@@ -61,11 +65,12 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(data[i : i + 256]).latent_dist.mode() for i in range(0, min(len(data), 2048), 256)]
+            [vae.encode(data[i : i + 256].to(device)).latent_dist.mode() for i in range(0, min(len(data), 2048), 256)]
         )
         # Scale latents to unit variance, as Stable Diffusion's VAE does with its 0.18215.
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-        recon = reconstruct(vae, val)
+        recon = reconstruct(vae, val.to(device)).cpu()
+        vae.to("cpu")
     stats = {
         "params": n_params(vae),
         "val_psnr_db": round(psnr(recon, val), 2),
