@@ -7,6 +7,8 @@ import platform
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from machine import machine_line, measured_peak  # noqa: E402
@@ -35,3 +37,35 @@ def test_the_prepared_gpu_check_runs_on_cpu_and_finds_fp16_resume_exact(tmp_path
     assert set(report["steady"]) == {"no", "bf16", "fp16"} and all(
         r["ms_per_step"] > 0 for r in report["steady"].values()
     )
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_pipeline_runs_every_stage_and_both_recipes_on_cpu(tmp_path):
+    # it waits for a session with a GPU, where it gets one try: a broken script must show here first
+    import json
+    import os
+    import subprocess
+
+    import yaml
+    from conftest import MICRO
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_pipeline.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "WORK": str(tmp_path / "work"), "TESTS": "0"}
+    env["GLOBAL_SETS"] = " ".join(MICRO)
+    res = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out"), "train.lr=1e-3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for stage in ("a data", "a train-vae", "a cache", "a classifier", "a train", "b train", "a evaluate", "b evaluate"):
+        assert f"{stage} rc=0 " in summary, summary
+    lr = [yaml.safe_load((tmp_path / "work" / r / "train" / "config.yaml").read_text())["train"]["lr"] for r in "ab"]
+    assert lr == [3e-3, 1e-3]  # the micro rate for a, the second recipe's for b, on the same data
+    assert (tmp_path / "work" / "b" / "cache").resolve() == (tmp_path / "work" / "a" / "cache")
+    for name in ("a-train.json", "b-train.json", "a-metrics.json", "b-metrics.json", "logs.tar.gz"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "out" / "b-metrics.json").read_text())["val_loss"] > 0

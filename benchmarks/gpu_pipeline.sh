@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: (1) the tests whose training and distillation then run on the GPU,
-# (2) the `small` preset's stages one by one, each timed, (3) a second recipe trained on the same
-# data, VAE and cache, both evaluated (docs/gpu.md reports what it printed).
-#   benchmarks/gpu_check.sh OUTDIR [KEY=VALUE ...]   (the settings of the second recipe)
-# Needs blossom importable (installed, or PYTHONPATH=src) and a CUDA build of torch.
+# The whole pipeline on a machine with a CUDA GPU (benchmarks/gpu_check.py times the training loop
+# alone): (1) the tests whose training and distillation then run on the GPU, (2) the `small`
+# preset's stages one by one, each timed (train-vae, cache and train on the GPU), (3) a second
+# recipe trained on the same data, VAE and cache, both evaluated, side by side in one run.
+#   benchmarks/gpu_pipeline.sh OUTDIR [KEY=VALUE ...]   (the settings of the second recipe)
+# Needs blossom importable (installed, or PYTHONPATH=src) and a CUDA build of torch. TESTS=0 skips
+# (1); PRESET and GLOBAL_SETS="k=v ..." change what both recipes run (tests/test_benchmarks.py
+# runs it on a CPU with the micro settings).
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [KEY=VALUE ...]}
+out=${1:?usage: benchmarks/gpu_pipeline.sh OUTDIR [KEY=VALUE ...]}
 shift
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/blossom-gpu}
@@ -21,11 +24,13 @@ say "$($py -c 'import torch; print("torch", torch.__version__, "cuda", torch.cud
 say "$(nproc) CPU cores"
 
 # (1) the unit tests: where CUDA is present the training loop and distillation pick it
-start=$(date +%s)
-timeout "${TEST_TIMEOUT:-180}" $py -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_distill.py \
-  -k "not registers and not app" >"$work/pytest.log" 2>&1
-say "pytest rc=$? in $(($(date +%s) - start)) s: $(tail -1 "$work/pytest.log")"
-grep -E "^(FAILED|ERROR)|Error" "$work/pytest.log" | head -20 | tee -a "$summary"
+if [ "${TESTS:-1}" != 0 ]; then
+  start=$(date +%s)
+  timeout "${TEST_TIMEOUT:-180}" $py -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_distill.py \
+    -k "not registers and not app" >"$work/pytest.log" 2>&1
+  say "pytest rc=$? in $(($(date +%s) - start)) s: $(tail -1 "$work/pytest.log")"
+  grep -E "^(FAILED|ERROR)|Error" "$work/pytest.log" | head -20 | tee -a "$summary"
+fi
 
 # (2) the preset (small), stage by stage
 stage() { # ROOT STAGE [--set ...]: one blossom stage, its seconds and exit status in the summary
