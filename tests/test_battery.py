@@ -259,6 +259,8 @@ CASES = [
         "sample.sampler must be one of",
     ),
     ("zero lanes", S("--set", "train.lanes=0", "train"), 2, "'train.lanes' must be positive"),
+    ("negative workers", S("--set", "data.workers=-1", "data"), 2, "data.workers must be 0 (one per core)"),
+    ("workers huge", S("--set", "data.workers=100000", "data"), 2, "'data.workers' is 100000, above its limit of 512"),
     ("lanes over the shards", S("--set", "train.order=shards", "train"), 2, "set train.lanes to 1 or less"),
     ("cache url not on S3", S("--set", "train.cache_url=/tmp/c", "--set", "train.order=shards", "train"), 2, "s3://"),
     ("streaming in random order", S("--set", "train.cache_url=s3://b/c", "train"), 2, "set train.order to shards"),

@@ -385,6 +385,7 @@ LIMITS = {
     "evaluate.images_per_pair": 1000,
     "evaluate.real_images": 100_000,
     "data.max_pixels": 2**31,
+    "data.workers": 512,
 }
 
 
@@ -457,6 +458,8 @@ def validate(cfg: Config) -> None:
     ):
         if value and re.search(r"//[^/@\s]+:[^/@\s]*@", value) and not _from_env(key, value):
             raise ConfigError(f"{key} holds a password: remove it and put credentials in environment variables")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be 0 (one per core) or a number of processes, got {cfg.data.workers}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no averaging), got {cfg.train.ema_decay}")
     if not 0 <= cfg.train.cfg_dropout < 1:

@@ -53,7 +53,8 @@ def draw_all(seed: int, indices: range, size: int, workers: int):
     (each flower depends on its seed and index alone, so the bytes do not depend on the count)."""
     chunk = 256
     chunks = [(seed, list(indices[i : i + chunk]), size) for i in range(0, len(indices), chunk)]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else None
+    # never more processes than chunks: a fork-started pool starts all of its processes at once
+    pool = ProcessPoolExecutor(min(workers, len(chunks))) if workers > 1 and len(chunks) > 1 else None
     try:
         for batch in pool.map(_draw_many, chunks) if pool else map(_draw_many, chunks):
             yield from batch

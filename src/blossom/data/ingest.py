@@ -119,7 +119,7 @@ def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):
         results = map(_prepare_many, chunks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers)
+        pool = ProcessPoolExecutor(min(workers, len(chunks)))  # a fork-started pool starts them all at once
         results = pool.map(_prepare_many, chunks)
     try:
         i = 0
