@@ -212,3 +212,25 @@ def test_parallel_decoding_writes_what_one_process_writes(tmp_path):
     a, b = by_source(one), by_source(two)
     assert len(a) == 140 and a.keys() == b.keys()
     assert all((a[k][0] == b[k][0]).all() and a[k][1] == b[k][1] for k in a)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_ordered_map_keeps_order_and_pulls_only_a_few_tasks_ahead():
+    # a data set of millions of images must not queue millions of tasks (or their results) at once
+    from blossom.data.parallel import AHEAD, ordered_map
+
+    pulled = []
+
+    def tasks():
+        for i in range(1000):
+            pulled.append(i)
+            yield i
+
+    results = ordered_map(_square, tasks(), workers=2)
+    assert next(results) == 0
+    assert len(pulled) <= AHEAD * 2 + 1
+    assert list(results) == [i * i for i in range(1, 1000)]
+    assert list(ordered_map(_square, range(5), workers=1)) == [0, 1, 4, 9, 16]

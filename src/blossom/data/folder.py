@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from blossom.config import CaptionConfig, DataConfig
 from blossom.data import synthetic
 from blossom.data.ingest import Policy, Tally, decode_line, prepare, prepare_all
+from blossom.data.parallel import ordered_map
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir, inside
 
@@ -37,7 +37,7 @@ class Record:
     meta: dict
 
 
-def _draw_many(args: tuple[int, list[int], int]) -> list[tuple[bytes, str, dict]]:
+def _draw_many(args: tuple[int, range, int]) -> list[tuple[bytes, str, dict]]:
     seed, indices, size = args
     out = []
     for index in indices:
@@ -52,15 +52,11 @@ def draw_all(seed: int, indices: range, size: int, workers: int):
     """Yield (PNG bytes, caption, attributes) for each index in order, drawn on `workers` processes
     (each flower depends on its seed and index alone, so the bytes do not depend on the count)."""
     chunk = 256
-    chunks = [(seed, list(indices[i : i + chunk]), size) for i in range(0, len(indices), chunk)]
+    starts = range(0, len(indices), chunk)
+    chunks = ((seed, indices[i : i + chunk], size) for i in starts)
     # never more processes than chunks: a fork-started pool starts all of its processes at once
-    pool = ProcessPoolExecutor(min(workers, len(chunks))) if workers > 1 and len(chunks) > 1 else None
-    try:
-        for batch in pool.map(_draw_many, chunks) if pool else map(_draw_many, chunks):
-            yield from batch
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    for batch in ordered_map(_draw_many, chunks, min(workers, len(starts))):
+        yield from batch
 
 
 def write_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, int]:

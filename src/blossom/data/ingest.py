@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blossom.data.parallel import ordered_map
 from blossom.images import png_bytes
 
 # Why an image was skipped, or what was done to it; the summary line reads these in this order.
@@ -115,23 +115,16 @@ def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):
     """Yield (index, PNG bytes or None, skip reason, fixes) in order, decoding on `workers` processes."""
     chunk = 64
     chunks = [(paths[i : i + chunk], policy) for i in range(0, len(paths), chunk)]
-    if workers <= 1 or len(paths) < 2 * chunk:
-        results = map(_prepare_many, chunks)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(min(workers, len(chunks)))  # a fork-started pool starts them all at once
-        results = pool.map(_prepare_many, chunks)
-    try:
-        i = 0
-        for batch in results:
-            for array, skip, fixes in batch:
-                yield i, array, skip, fixes
-                i += 1
-            if progress is not None:
-                progress.update(len(batch))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    # one process when the work is small; never more processes than chunks (a fork-started pool
+    # starts every process it is given at once)
+    workers = 1 if len(paths) < 2 * chunk else min(workers, len(chunks))
+    i = 0
+    for batch in ordered_map(_prepare_many, chunks, workers):
+        for array, skip, fixes in batch:
+            yield i, array, skip, fixes
+            i += 1
+        if progress is not None:
+            progress.update(len(batch))
 
 
 class Tally:
