@@ -7,7 +7,6 @@ it, so everything downstream of `blossom data` sees one format.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from blossom.data.ingest import Policy, Tally, decode_line, prepare, prepare_all
 from blossom.data.parallel import ordered_map
 from blossom.errors import DataError
 from blossom.fsutil import atomic_dir, inside
+from blossom.images import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,7 @@ def _draw_many(args: tuple[int, range, int]) -> list[tuple[bytes, str, dict]]:
     out = []
     for index in indices:
         img, flower, text = synthetic.generate(seed, index, size)
-        buf = io.BytesIO()
-        img.save(buf, format="png", compress_level=1)
-        out.append((buf.getvalue(), text, synthetic.attributes(flower)))
+        out.append((png_bytes(np.asarray(img), compress_level=1), text, synthetic.attributes(flower)))
     return out
 
 
@@ -52,10 +50,8 @@ def draw_all(seed: int, indices: range, size: int, workers: int):
     """Yield (PNG bytes, caption, attributes) for each index in order, drawn on `workers` processes
     (each flower depends on its seed and index alone, so the bytes do not depend on the count)."""
     chunk = 256
-    starts = range(0, len(indices), chunk)
-    chunks = ((seed, indices[i : i + chunk], size) for i in starts)
-    # never more processes than chunks: a fork-started pool starts all of its processes at once
-    for batch in ordered_map(_draw_many, chunks, min(workers, len(starts))):
+    chunks = ((seed, indices[i : i + chunk], size) for i in range(0, len(indices), chunk))
+    for batch in ordered_map(_draw_many, chunks, workers):
         yield from batch
 
 

@@ -115,11 +115,8 @@ def prepare_all(paths: list[Path], policy: Policy, workers: int, progress=None):
     """Yield (index, PNG bytes or None, skip reason, fixes) in order, decoding on `workers` processes."""
     chunk = 64
     chunks = [(paths[i : i + chunk], policy) for i in range(0, len(paths), chunk)]
-    # one process when the work is small; never more processes than chunks (a fork-started pool
-    # starts every process it is given at once)
-    workers = 1 if len(paths) < 2 * chunk else min(workers, len(chunks))
     i = 0
-    for batch in ordered_map(_prepare_many, chunks, workers):
+    for batch in ordered_map(_prepare_many, chunks, 1 if len(paths) < 2 * chunk else workers):
         for array, skip, fixes in batch:
             yield i, array, skip, fixes
             i += 1

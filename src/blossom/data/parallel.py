@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
+from itertools import chain, islice
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -19,14 +19,17 @@ def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> Itera
 
     Tasks are submitted a few at a time, never all at once: a data set of millions of images keeps
     neither millions of pending tasks nor their finished results in memory when the caller
-    writes them more slowly than the pool makes them."""
+    writes them more slowly than the pool makes them. Never more processes than tasks: a
+    fork-started pool starts every process it is given at once."""
     tasks = iter(tasks)
+    first = list(islice(tasks, AHEAD * workers)) if workers > 1 else []
+    workers = min(workers, len(first))
     if workers <= 1:
-        yield from map(fn, tasks)
+        yield from map(fn, chain(first, tasks))
         return
     pool = ProcessPoolExecutor(workers)
     try:
-        pending = deque(pool.submit(fn, t) for t in islice(tasks, AHEAD * workers))
+        pending = deque(pool.submit(fn, t) for t in first)
         while pending:
             result = pending.popleft().result()
             for t in islice(tasks, 1):
