@@ -17,6 +17,7 @@ from blossom.data.folder import load_images, read_metadata
 from blossom.fsutil import atomic_dir, write_json
 from blossom.images import psnr, to_tensor, to_uint8
 from blossom.models import build_vae, n_params
+from blossom.train.distributed import local_device
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     data, val = to_tensor(images), to_tensor(val_images)
     # the GPU when there is one (as train does); batches and random draws stay on the CPU, so the
     # draws are the same whichever device trains
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     vae = build_vae(c).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=c.steps, pct_start=0.05)

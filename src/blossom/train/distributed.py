@@ -69,10 +69,15 @@ def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
     return connect(launch)
 
 
+def local_device(local_rank: int = 0) -> torch.device:
+    """Where this process computes: its GPU when PyTorch sees CUDA, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def connect(launch: LaunchEnv) -> Runtime:
     """This process's place in the launch, with the process group up when there are several."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
+    device = local_device(launch.local_rank)
+    cuda = device.type == "cuda"
     if launch.world_size == 1:
         return Runtime(0, 1, device, launch.launched)
     if cuda:
