@@ -136,6 +136,7 @@ def test_tables_show_every_accuracy_with_its_interval(classifier):
         "adherence": scores,
         "ceiling": {"eval_prompts": scores["all"]["all"]},
         "fd_classifier": 3.2,
+        "prompt_effect": {"levels": 41.25, "lo": 38.5, "hi": 44.0, "n": 64},
         "images": len(items),
         "sampler": "unipc",
         "steps": 15,
@@ -155,6 +156,7 @@ def test_tables_show_every_accuracy_with_its_interval(classifier):
     assert all(cell.count("[") == 1 for r in rows[1:] for cell in r[1:])
     text = format_table(metrics)
     assert "95 % Wilson" in text and "Fréchet distance" in text
+    assert "moves an image 41.2 [38.5, 44.0] levels of 255 from its seed's unprompted image (64 images)" in text
     flat = flatten(metrics)
     assert flat["adherence.template.held_out.petal_color.lo"] <= flat["adherence.template.held_out.petal_color.acc"]
     assert "sampler" not in flat

@@ -89,7 +89,7 @@ def folder_data(root: Path, n: int = 24) -> Path:
     return root / "data"
 
 
-def run(tmp_path, fake, **settings):
+def run(tmp_path, fake, unprompted=None, **settings):
     data = folder_data(tmp_path)
     overrides = ["data.source=folder", f"data.path={tmp_path}", "data.image_size=32"] + [
         f"evaluate.{k}={v}" for k, v in settings.items()
@@ -98,10 +98,13 @@ def run(tmp_path, fake, **settings):
     real = np.stack([np.asarray(Image.open(p)) for p in sorted((data / "val").glob("*.png"))])
 
     def generate(backend, prompts, cfg, desc):
+        if unprompted is not None and all(p == "" for p in prompts):
+            assert cfg.sample.guidance == 1.0  # the unconditional model alone
+            return unprompted(real[: len(prompts)])
         return fake(real[: len(prompts)])
 
     metrics, files = real_image_metrics(cfg, None, generate, data)
-    return metrics["real_images"], files
+    return {**metrics["real_images"], "prompt_effect": metrics["prompt_effect"]}, files
 
 
 def shuffled(r):
@@ -132,8 +135,23 @@ def test_missing_networks_skip_their_metrics_and_say_which_setting_enables_them(
     assert set(metrics["skipped"]) == {"fid, kid", "clip_score, fd_clip, kid_clip"}
     assert "evaluate.inception" in metrics["skipped"]["fid, kid"]
     assert "evaluate.clip" in metrics["skipped"]["clip_score, fd_clip, kid_clip"]
-    assert "fid" not in metrics and metrics["images"] == 24 and files["samples.png"].shape == (64, 256, 3)
+    assert "fid" not in metrics and metrics["images"] == 24 and files["samples.png"].shape == (96, 256, 3)
     assert "not computed" in caplog.text
+
+
+def test_prompt_effect_says_how_far_the_text_moves_each_image_from_its_unprompted_draw(tmp_path):
+    """No network needed: generated images against the same seeds' images with an empty prompt."""
+    ignored, _ = run(tmp_path / "a", lambda r: r, unprompted=lambda r: r)
+    assert ignored["prompt_effect"] == {"levels": 0.0, "lo": 0.0, "hi": 0.0, "n": 24}
+    inverted, files = run(tmp_path / "b", lambda r: r, unprompted=lambda r: 255 - r)
+    real = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "b" / "data" / "val").glob("*.png"))])
+    per_image = np.abs(2 * real.astype(np.float64) - 255).mean(axis=(1, 2, 3))
+    effect = inverted["prompt_effect"]
+    assert effect["n"] == 24 and effect["levels"] == pytest.approx(per_image.mean(), abs=0.01)
+    assert effect["lo"] < effect["levels"] < effect["hi"]
+    assert effect["hi"] - effect["levels"] == pytest.approx(1.96 * per_image.std(ddof=1) / np.sqrt(24), abs=0.02)
+    grid = files["samples.png"]  # rows: generated, unprompted, real
+    assert np.array_equal(grid[32:64, :32], 255 - grid[64:96, :32])
 
 
 try:

@@ -4,9 +4,10 @@ Procedural data: the attribute classifier reads every generated image and its ac
 what the prompt asked is the adherence, per phrasing group (evalset.py) and for seen and
 held-out colour/background pairs, each with a 95 % Wilson interval. Beside it: the classifier's
 ceiling on real procedural images of the same prompts, and through the model's VAE (the most any
-diffusion model on this VAE can score), and a kernel distance between generated and real images
+diffusion model on this VAE can score), a Fréchet distance between generated and real images
 on the classifier's features. Other data (a folder, Oxford 102): FID, KID and CLIP score against
-the validation images with networks given by local path (realmetrics.py).
+the validation images with networks given by local path (realmetrics.py). Both: how far the
+prompt moves an image from its seed's unprompted draw (realmetrics.prompt_effect).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from blossom.errors import BlossomError
 from blossom.evalset import PHRASINGS, EvalItem, eval_items, nuisance
 from blossom.fsutil import atomic_dir, write_json
 from blossom.images import image_grid, to_tensor, to_uint8
+from blossom.realmetrics import prompt_effect
 from blossom.sampling import sample
-from blossom.stats import adherence_note, adherence_table, wilson
+from blossom.stats import adherence_note, adherence_table, effect_note, wilson
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ def procedural(cfg: Config, backend, classifier_dir: Path) -> tuple[dict, dict]:
     start = time.time()
     images = generate_all(backend, [it.prompt for it in items], cfg, "evaluate: sampling")
     seconds = time.time() - start
+    effect, _ = prompt_effect(generate_all, backend, cfg, images)
     real_flowers = nuisance(items)
     real = render(real_flowers, size, REAL_SEED)
     ceilings = {"random_flowers": info["ceiling"], "eval_prompts": ceiling(classifier, real, real_flowers)}
@@ -132,6 +135,7 @@ def procedural(cfg: Config, backend, classifier_dir: Path) -> tuple[dict, dict]:
         "adherence": adherence(classifier, images, items),
         "ceiling": ceilings,
         "fd_classifier": frechet_distance(classifier, images, real),
+        "prompt_effect": effect,
         "images": len(images),
         "seconds_per_image": round(seconds / len(images), 4),
     }
@@ -168,7 +172,7 @@ def evaluate(
         m, files = procedural(cfg, backend, classifier_dir)
         metrics.update(m)
     else:
-        from blossom.realmetrics import real_image_metrics
+        from blossom.realmetrics import real_image_metrics  # its networks' libraries only when needed
 
         m, files = real_image_metrics(cfg, backend, generate_all, data_dir or Path(cfg.outputs) / "data")
         metrics.update(m)
@@ -189,7 +193,8 @@ def write_results(out_dir: Path, metrics: dict, files: dict) -> None:
 
 def format_table(metrics: dict) -> str:
     if "adherence" not in metrics:
-        return "\n".join(f"{k}: {v}" for k, v in metrics.get("real_images", {}).items())
+        lines = [f"{k}: {v}" for k, v in metrics.get("real_images", {}).items()]
+        return "\n".join([*lines, effect_note(metrics["prompt_effect"])] if "prompt_effect" in metrics else lines)
     rows = adherence_table(metrics)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [

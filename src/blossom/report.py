@@ -82,5 +82,6 @@ def evaluation(root: Path, metrics: dict) -> None:
                 ]
     for k in ("fid", "clip_score"):
         values[k] = metrics.get("real_images", {}).get(k)
+    values["prompt_effect"] = metrics.get("prompt_effect", {}).get("levels")
     write_metrics(root, "evaluate", values)
     write_table(root, "adherence", ["attribute", "group", "accuracy", "lo", "hi"], rows)

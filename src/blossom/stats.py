@@ -18,6 +18,18 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """The mean and mean ± z·SE (sample standard deviation): for averages over dozens of images."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - z * se, mean + z * se
+
+
 def fmt(acc: float, lo: float, hi: float) -> str:
     return f"{acc:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -65,4 +77,13 @@ def adherence_note(metrics: dict) -> str:
     )
     if fd is not None:
         note += f"; Fréchet distance to real flowers on the classifier's features {fd:.2f}"
+    if "prompt_effect" in metrics:
+        note += f"; {effect_note(metrics['prompt_effect'])}"
     return note
+
+
+def effect_note(effect: dict) -> str:
+    return (
+        f"the prompt moves an image {effect['levels']:.1f} [{effect['lo']:.1f}, {effect['hi']:.1f}] levels of 255 "
+        f"from its seed's unprompted image ({effect['n']} images)"
+    )

@@ -57,7 +57,7 @@ def log_training_run(cfg: Config, train_dir: Path, eval_dir: Path) -> dict:
                     numeric(
                         {
                             k: eval_metrics[k]
-                            for k in ("adherence", "ceiling", "fd_classifier", "real_images")
+                            for k in ("adherence", "ceiling", "fd_classifier", "prompt_effect", "real_images")
                             if k in eval_metrics
                         }
                     )
