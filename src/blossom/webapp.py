@@ -208,7 +208,17 @@ def main() -> None:
     else:
         sampler = c1.selectbox("Sampler", SAMPLERS, index=SAMPLERS.index(start["sampler"]))
         steps = c2.slider("Steps", 1, MAX_STEPS, min(int(start["steps"]), MAX_STEPS))
-    guidance = c2.slider("Guidance", 1.0, 15.0, float(start["guidance"]), 0.5)
+    guidance = c2.slider(
+        "Guidance",
+        1.0,
+        15.0,
+        float(start["guidance"]),
+        0.5,
+        help="an input of the student, which was distilled over a range of scales; a briefly distilled "
+        "student follows it only weakly (docs/fast.md)"
+        if fast
+        else "classifier-free guidance: how strongly the image follows the prompt (each step costs two UNet calls)",
+    )
     n = c3.number_input("Images", 1, MAX_IMAGES, 4)
     random_seed = c3.checkbox("Random seed")
     seed = c3.number_input("Seed", 0, MAX_SEED, 0, disabled=random_seed)
