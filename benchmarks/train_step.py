@@ -1,0 +1,73 @@
+"""The training step in fp32, under bf16 autocast (`train.mixed_precision: bf16`) and in
+channels-last memory, side by side in one process on the preset's UNet.
+
+The step is the one `blossom train` takes (forward, v-target MSE, backward, AdamW) on random
+latents and text states of the cache's shapes; only the precision or memory format differs.
+Prints the median ms per step of each and its speed relative to fp32.
+
+    .venv/bin/python benchmarks/train_step.py [--preset tiny] [--batch 64] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from machine import machine_line
+from timing import median_seconds
+
+from blossom.config import load_config
+from blossom.models import build_unet, set_threads
+
+TEXT_DIM = 384  # MiniLM's width, the tiny preset's encoder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args()
+    cfg = load_config(preset=args.preset)
+    set_threads(cfg.threads)
+    print(machine_line())
+    size = cfg.data.image_size // 4  # the tiny and small VAEs downsample 4x
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 4, size, size, generator=gen)
+    target = torch.randn(args.batch, 4, size, size, generator=gen)
+    text = torch.randn(args.batch, cfg.text.max_tokens, TEXT_DIM, generator=gen)
+    t = torch.randint(0, cfg.train.num_train_timesteps, (args.batch,), generator=gen)
+
+    def variant(bf16: bool, channels_last: bool):
+        torch.manual_seed(0)
+        unet = build_unet(cfg, TEXT_DIM, (4, size, size))
+        xs = x
+        if channels_last:
+            unet, xs = unet.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+
+        def step(_seed: int) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = unet(xs, t, encoder_hidden_states=text).sample
+            F.mse_loss(pred.float(), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    fns = {
+        "fp32": variant(False, False),
+        "bf16 autocast": variant(True, False),
+        "fp32 channels-last": variant(False, True),
+        "bf16 autocast channels-last": variant(True, True),
+    }
+    times = median_seconds(fns, rounds=args.rounds, per_round=3)
+    base = times["fp32"]
+    print(f"training step, batch {args.batch}, {size}x{size}x4 latents, {cfg.preset} UNet:")
+    for name, s in times.items():
+        print(f"  {name:28s} {s * 1000:7.1f} ms  {base / s:.2f}x fp32")
+
+
+if __name__ == "__main__":
+    main()
