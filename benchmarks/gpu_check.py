@@ -94,7 +94,7 @@ def main() -> None:
     }
     print(json.dumps(report), flush=True)
     cfg = load_config(ROOT / "params.yaml", args.preset)
-    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)]))
+    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // cfg.vae.downsampling]))
     text = (77, 768) if cuda else (8, 32)
     batch = args.batch or cfg.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:

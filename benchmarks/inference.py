@@ -38,8 +38,7 @@ def random_model(root: Path) -> Path:
     cfg = load_config()
     torch.manual_seed(0)
     vae, encoder = build_vae(cfg.vae), load_text_encoder(cfg.text)
-    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
-    size = cfg.data.image_size // down
+    size = cfg.data.image_size // cfg.vae.downsampling
     vae.save_pretrained(root / "vae_src")
     model = root / "model"
     model.mkdir()

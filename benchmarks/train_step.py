@@ -18,9 +18,7 @@ from machine import machine_line
 from timing import median_seconds
 
 from blossom.config import load_config
-from blossom.models import build_unet, set_threads
-
-TEXT_DIM = 384  # MiniLM's width, the tiny preset's encoder
+from blossom.models import build_unet, load_text_encoder, set_threads
 
 
 def main() -> None:
@@ -32,16 +30,17 @@ def main() -> None:
     cfg = load_config(preset=args.preset)
     set_threads(cfg.threads)
     print(machine_line())
-    size = cfg.data.image_size // 4  # the tiny and small VAEs downsample 4x
+    text_dim = load_text_encoder(cfg.text).dim
+    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // cfg.vae.downsampling]))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, size, size, generator=gen)
-    target = torch.randn(args.batch, 4, size, size, generator=gen)
-    text = torch.randn(args.batch, cfg.text.max_tokens, TEXT_DIM, generator=gen)
+    x = torch.randn(args.batch, *latent, generator=gen)
+    target = torch.randn(args.batch, *latent, generator=gen)
+    text = torch.randn(args.batch, cfg.text.max_tokens, text_dim, generator=gen)
     t = torch.randint(0, cfg.train.num_train_timesteps, (args.batch,), generator=gen)
 
     def variant(bf16: bool, channels_last: bool):
         torch.manual_seed(0)
-        unet = build_unet(cfg, TEXT_DIM, (4, size, size))
+        unet = build_unet(cfg, text_dim, latent)
         xs = x
         if channels_last:
             unet, xs = unet.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
@@ -64,7 +63,7 @@ def main() -> None:
     }
     times = median_seconds(fns, rounds=args.rounds, per_round=3)
     base = times["fp32"]
-    print(f"training step, batch {args.batch}, {size}x{size}x4 latents, {cfg.preset} UNet:")
+    print(f"training step, batch {args.batch}, {'x'.join(map(str, latent[::-1]))} latents, {cfg.preset} UNet:")
     for name, s in times.items():
         print(f"  {name:28s} {s * 1000:7.1f} ms  {base / s:.2f}x fp32")
 

@@ -56,6 +56,12 @@ class VAEConfig:
     lr: float = 2e-3
     kl_weight: float = 1e-6
 
+    @property
+    def downsampling(self) -> int:
+        """How many pixels per latent side blossom's own VAE of these settings has (a pretrained
+        VAE's comes from its config: models.vae_downsampling)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 @dataclass
 class UNetConfig:
@@ -495,7 +501,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.target_ema must be in [0, 1), got {d.target_ema}")
     if d.guidance_embedding_dim % 2:
         raise ConfigError(f"distill.guidance_embedding_dim must be even, got {d.guidance_embedding_dim}")
-    down = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    down = cfg.vae.downsampling
     if not cfg.vae.pretrained and (
         cfg.data.image_size % down or cfg.vae.crop % down
     ):  # a pretrained VAE is checked at cache time
