@@ -11,7 +11,9 @@ own model (benchmarks/samplers.py). Speed does not depend on the weights.
 blossom's fastest path is ONNX Runtime with the statically quantized int8 UNet and VAE decoder
 (calibrated here on a few sampling trajectories; the random weights make calibration a formality,
 the speed is what this measures); the fastest of all is a distilled student's graphs (guidance
-embedded in the UNet, 4 steps, int8), shaped here as `blossom distill` shapes them.
+embedded in the UNet, 4 steps, int8), shaped here as `blossom distill` shapes them; and that student
+decoding with TAESD's architecture (`distill.tiny_decoder`), since the SD decoder is then most of
+an image's time.
 `--openvino` adds OpenVINO with bf16 inference (needs
 `pip install openvino`; not a blossom backend, see the README).
 """
@@ -36,7 +38,7 @@ RUNS = [("ddim", 30), ("dpm++2m", 15), ("unipc", 10)]
 
 def build(root: Path) -> Path:
     """A blossom model folder with the original's architecture, random weights, exported."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
     from blossom.export import export
@@ -93,20 +95,22 @@ def build(root: Path) -> Path:
     )
     write_json(model / "train.json", {"val_loss": None, "steps": 0})
     student = student_of(model, root / "student")
-    export(
-        model,
-        root / "export",
-        [PROMPT, "a white flower at night"],
-        ("unipc", 10, 5.0),
-        int8_bar=False,
-        fast_dir=student,
-    )
+    calibration = [PROMPT, "a white flower at night"]
+    export(model, root / "export", calibration, ("unipc", 10, 5.0), int8_bar=False, fast_dir=student)
+    # the same student decoding with TAESD's architecture (diffusers AutoencoderTiny, distill.tiny_decoder)
+    AutoencoderTiny().save_pretrained(root / "taesd")
+    tiny = student_of(model, root / "student-tiny", tiny_decoder=root / "taesd")
+    export(tiny, root / TINY, calibration, ("unipc", 10, 5.0), int8_bar=False)
     return root / "export"
 
 
-def student_of(model: Path, folder: Path) -> Path:
+TINY = "export-tiny-decoder"
+
+
+def student_of(model: Path, folder: Path, tiny_decoder: Path | None = None) -> Path:
     """A student-shaped copy: the same UNet with a guidance-embedding input and the student scheduler,
     laid out as `blossom distill` writes it (the weights are random either way)."""
+    import dataclasses
     import json
 
     from diffusers import UNet2DConditionModel
@@ -115,6 +119,7 @@ def student_of(model: Path, folder: Path) -> Path:
     from blossom.train.distill import student_from, write_student_files
 
     cfg = Config()
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, tiny_decoder=tiny_decoder))
     student_from(
         UNet2DConditionModel.from_pretrained(model / "unet"), cfg.distill.guidance_embedding_dim
     ).save_pretrained(folder / "unet")
@@ -164,6 +169,8 @@ def main() -> None:
         # the few-step path: a distilled student's graphs (guidance embedded), 4 steps, int8
         fast = OnnxBackend(folder / "fast", precision="int8")
         fns[f"onnx int8 student {FAST_SAMPLER}-4"] = lambda seed: sample(fast, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
+        tiny = OnnxBackend(folder.parent / TINY, precision="int8")
+        fns[f"onnx int8 student {FAST_SAMPLER}-4 taesd"] = lambda seed: sample(tiny, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
         if args.torch:
             eager = TorchBackend(folder)
             fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)
@@ -176,7 +183,7 @@ def main() -> None:
         times = median_seconds(fns, rounds=args.rounds, per_round=3)
     base = times["onnx ddim-30"]
     for name, t in times.items():
-        print(f"{name:>22}: {t:6.2f} s/image  ({base / t:.2f}x faster than ONNX DDIM-30)")
+        print(f"{name:>30}: {t:6.2f} s/image  ({base / t:.2f}x faster than ONNX DDIM-30)")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,20 @@ def s3_server(tmp_path):
 
     with seaweedfs(tmp_path) as endpoint:
         yield endpoint
+
+
+def tiny_decoder(root: Path, latent_channels: int, downsampling: int = 4) -> str:
+    """A random-weight AutoencoderTiny folder (TAESD's architecture, micro widths)."""
+    from diffusers import AutoencoderTiny
+
+    n = downsampling.bit_length()  # blocks: one upsampling between each two
+    folder = root / "taesd"
+    widths, blocks = (8,) * n, (1,) * n
+    AutoencoderTiny(
+        latent_channels=latent_channels,
+        encoder_block_out_channels=widths,
+        decoder_block_out_channels=widths,
+        num_encoder_blocks=blocks,
+        num_decoder_blocks=blocks,
+    ).save_pretrained(folder)
+    return str(folder)

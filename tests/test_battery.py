@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import micro_args
+from conftest import micro_args, tiny_decoder
 from PIL import Image
 
 from blossom.cli import main
@@ -200,6 +200,17 @@ def fake_student(root: Path, lcm: bool = True) -> Path:
         path = folder / "scheduler" / "scheduler_config.json"
         rewrite(path, json.dumps({**json.loads(path.read_text()), "_class_name": "LCMScheduler"}).encode())
     return folder
+
+
+def distill_tiny(decoder):
+    return lambda root: [
+        "--set",
+        f"distill.tiny_decoder={decoder(root)}",
+        "distill",
+        "--teacher",
+        "outputs/train/model",
+        "--no-register",
+    ]
 
 
 S = lambda *a: lambda root: list(a)  # noqa: E731 - a case that needs no setup
@@ -526,6 +537,25 @@ CASES = [
     ("distill default past max", S("--set", "distill.default_steps=9", "distill"), 2, "distill.default_steps <="),
     ("distill without a champion", S("distill", "--no-register"), 2, "no trained model at"),
     ("distill a student", lambda root: ["distill", "--teacher", str(fake_student(root))], 2, "already a distilled"),
+    ("distill tiny decoder missing", distill_tiny(lambda root: "nowhere"), 2, "nowhere has no config.json"),
+    (
+        "distill tiny decoder a full VAE",
+        distill_tiny(lambda root: "outputs/train/model/vae"),
+        2,
+        "is an AutoencoderKL folder, not an AutoencoderTiny",
+    ),
+    (
+        "distill tiny decoder other latents",
+        distill_tiny(lambda root: tiny_decoder(root, latent_channels=3)),
+        2,
+        "decodes 3-channel latents at 4 pixels each",
+    ),
+    (
+        "distill tiny decoder other scale",
+        distill_tiny(lambda root: tiny_decoder(root, latent_channels=4, downsampling=8)),
+        2,
+        "at 8 pixels each, the teacher's VAE makes 4-channel latents at 4",
+    ),
     ("fast without a student", S("generate", "x", "--fast"), 2, "holds no distilled model"),
     ("lcm sampler on a teacher", S("generate", "x", "--sampler", "lcm"), 2, "draws with distilled models only"),
     ("tcd sampler on a teacher", S("generate", "x", "--sampler", "tcd"), 2, "draws with distilled models only"),

@@ -193,6 +193,52 @@ def test_the_apps_fast_switch_serves_the_student(exported, micro_exported, monke
     assert np.array_equal(at.session_state["result"]["images"], want)
 
 
+def test_a_tiny_decoder_redecodes_a_finished_student_and_serves_everywhere(
+    student, micro_exported, micro_prepared, tmp_path, caplog
+):
+    """distill.tiny_decoder (TAESD's architecture, random weights here): set on a finished
+    distillation, `--resume auto` writes the same UNet with the AutoencoderTiny as its vae/ without
+    distilling again; its export holds the parity bar with it, and diffusers' own pipeline loads it
+    and draws blossom's image."""
+    import shutil
+
+    from conftest import tiny_decoder
+    from diffusers import AutoencoderTiny, DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from blossom.export import export
+    from blossom.publish import fast_section
+
+    teacher, _, _ = micro_exported
+    cfg, paths = micro_prepared
+    out = tmp_path / "distill"
+    shutil.copytree(student[0], out)
+    decoder = tiny_decoder(tmp_path, latent_channels=4)
+    with caplog.at_level(logging.INFO, logger="blossom"):
+        distill(micro_distill_cfg(cfg, tiny_decoder=decoder), paths.cache, teacher, out, resume="auto")
+    assert "resumed from step-000004" in caplog.text
+    before, after = (load_file(d / "model" / "unet" / "diffusion_pytorch_model.safetensors") for d in (student[0], out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    backend = TorchBackend(out / "model")
+    assert isinstance(backend.vae, AutoencoderTiny) and backend.distilled["decoder"] == "tiny"
+    prompts = ["a red flower", "a white flower at night"]
+    ours = sample(backend, prompts, "tcd", 4, 5.0, seed=7)
+    assert ours.shape == (2, cfg.data.image_size, cfg.data.image_size, 3)
+    assert not np.array_equal(ours, sample(TorchBackend(student[0] / "model"), prompts, "tcd", 4, 5.0, seed=7))
+
+    folder = tmp_path / "export"  # the student alone: _export_into is the same for fast/
+    diffs = export(out / "model", folder, None, ("unipc", 4, 5.0))
+    assert diffs["vae_decoder"] < 1e-4 and diffs["image"] < 1e-3
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.vae, AutoencoderTiny)
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="np").images
+    assert np.abs(ours.astype(int) - np.round(theirs * 255).astype(int)).max() <= 1
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "fast").symlink_to(folder)
+    assert "tiny decoder (`AutoencoderTiny`" in "\n".join(fast_section(tmp_path / "card", "you/x", 3.0))
+
+
 def test_steps_past_what_was_distilled_warn(student, caplog):
     out, _ = student
     backend = TorchBackend(out / "model")

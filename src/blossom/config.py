@@ -147,6 +147,9 @@ class DistillConfig:
     keep_checkpoints: int = 2
     log_every: int = 25
     seed: int = 0
+    # A diffusers AutoencoderTiny folder (TAESD for the SD VAE's latents) the student decodes with
+    # instead of the teacher's VAE: at 256 px the full decoder is most of a 4-step image's time.
+    tiny_decoder: str | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -150,9 +151,13 @@ def build_vae(cfg: VAEConfig):
     )
 
 
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what a model folder's vae/ may hold
+
+
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers AutoencoderKL folder; its scaling factor comes from its own config."""
-    from diffusers import AutoencoderKL
+    """A diffusers AutoencoderKL folder (or the AutoencoderTiny a student may decode with, see
+    load_tiny_decoder); its scaling factor comes from its own config."""
+    import diffusers
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -160,7 +165,9 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
             f"no VAE at {path}: run `blossom train-vae` or set vae.pretrained to a diffusers AutoencoderKL folder"
         )
     try:
-        vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+        kind = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+        cls = getattr(diffusers, kind if kind in VAE_CLASSES else "AutoencoderKL")
+        vae = cls.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(
             f"{path} is not a diffusers AutoencoderKL folder ({first_line(e)}): "
@@ -170,7 +177,34 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def vae_downsampling(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    # AutoencoderTiny records its decoder's widths as block_out_channels, and its own upsampling factor
+    return getattr(vae.config, "upsampling_scaling_factor", 2) ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_tiny_decoder(path: str | Path, vae):
+    """distill.tiny_decoder: a diffusers AutoencoderTiny (TAESD-style) folder that decodes `vae`'s
+    latents: the same latent channels and the same pixels per latent. Weights from safetensors only."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    fix = "set distill.tiny_decoder to a diffusers AutoencoderTiny folder (e.g. TAESD for the SD VAE), or null"
+    config = path / "config.json"
+    kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if kind != "AutoencoderTiny":
+        found = f"is an {kind} folder" if kind else "has no config.json"
+        raise ModelError(f"distill.tiny_decoder: {path} {found}, not an AutoencoderTiny: {fix}")
+    try:
+        tiny = AutoencoderTiny.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"distill.tiny_decoder: cannot load {path} ({first_line(e)}): {fix}") from None
+    want = (vae.config.latent_channels, vae_downsampling(vae))
+    have = (tiny.config.latent_channels, vae_downsampling(tiny))
+    if have != want:
+        raise ModelError(
+            f"distill.tiny_decoder: {path} decodes {have[0]}-channel latents at {have[1]} pixels each, the "
+            f"teacher's VAE makes {want[0]}-channel latents at {want[1]}: use a tiny decoder trained for this VAE"
+        )
+    return tiny.requires_grad_(False).eval()
 
 
 def check_cross_attention(cfg: Config, text_dim: int) -> int:

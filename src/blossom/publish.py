@@ -125,7 +125,13 @@ def fast_section(folder: Path, repo_id: str, guidance: float) -> list[str]:
         f"`fast/` holds a student distilled from this model by {info['method']} (LCM): "
         f"{info['default_steps']} steps by default (1 to {info['max_steps']}), one UNet call per step with the "
         f"guidance scale as an input (trained for {info['guidance_range'][0]:g} to {info['guidance_range'][1]:g}). "
-        f"{loads}, and has its own ONNX graphs in `fast/onnx/`.",
+        f"{loads}, and has its own ONNX graphs in `fast/onnx/`."
+        + (
+            " It decodes with a tiny decoder (`AutoencoderTiny`, TAESD's architecture) instead of this model's VAE: "
+            "much faster at large sizes, a little less detail."
+            if info.get("decoder") == "tiny"
+            else ""
+        ),
         "",
         "```python",
         "from huggingface_hub import snapshot_download",

@@ -30,7 +30,7 @@ from blossom.env import LaunchEnv
 from blossom.errors import BlossomError, ModelError
 from blossom.fsutil import atomic_dir, write_json, write_text
 from blossom.memory import check_room, step_floor
-from blossom.models import n_params
+from blossom.models import load_tiny_decoder, load_vae, n_params
 from blossom.sampling import FAST_SAMPLER, FAST_SCHEDULERS, guidance_embedding
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
@@ -106,10 +106,13 @@ def distill(
             f"{cfg.text.max_tokens}: distil with the teacher's settings (and its cache)"
         )
     check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
+    if d.tiny_decoder:  # refused now, not after the distillation
+        load_tiny_decoder(d.tiny_decoder, load_vae(teacher_dir / "vae"))
     ckpt_dir = out_dir / "checkpoints"
     # Checkpoints are valid for this teacher (by its weights' digest), these settings and this cache.
+    # The decoder is not among them: changing it re-decodes a finished distillation, not redoes it.
     settings = [
-        dataclasses.asdict(d),
+        {k: v for k, v in dataclasses.asdict(d).items() if k != "tiny_decoder"},
         [c.mixed_precision, c.deepspeed, c.grad_clip, cfg.data.random_flip],
         ckpt.digest(teacher_dir / "unet" / WEIGHTS),
         (cache_dir / "index.json").read_text(),
@@ -242,7 +245,10 @@ def distill(
 
 def write_student_files(teacher_dir: Path, folder: Path, cfg: Config, info: dict, result: dict) -> None:
     d = cfg.distill
-    shutil.copytree(teacher_dir / "vae", folder / "vae")
+    if d.tiny_decoder:
+        load_tiny_decoder(d.tiny_decoder, load_vae(teacher_dir / "vae")).save_pretrained(folder / "vae")
+    else:
+        shutil.copytree(teacher_dir / "vae", folder / "vae")
     teacher_sched = json.loads((teacher_dir / "scheduler" / "scheduler_config.json").read_text())
     cls = FAST_SCHEDULERS[FAST_SAMPLER]
     accepted = inspect.signature(cls.__init__).parameters
@@ -266,6 +272,7 @@ def write_student_files(teacher_dir: Path, folder: Path, cfg: Config, info: dict
                 "max_steps": d.max_steps,
                 "guidance_range": [d.guidance_min, d.guidance_max],
                 "guidance_embedding_dim": d.guidance_embedding_dim,
+                "decoder": "tiny" if d.tiny_decoder else "teacher's",
                 "teacher_run": read("champion.json").get("run_id"),  # the MLflow run, for a champion
             },
         },
