@@ -202,6 +202,12 @@ def fake_student(root: Path, lcm: bool = True) -> Path:
     return folder
 
 
+def broken_config(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    return str(folder)
+
+
 def distill_tiny(decoder):
     return lambda root: [
         "--set",
@@ -543,6 +549,12 @@ CASES = [
         distill_tiny(lambda root: "outputs/train/model/vae"),
         2,
         "is an AutoencoderKL folder, not an AutoencoderTiny",
+    ),
+    (
+        "distill tiny decoder config not JSON",
+        distill_tiny(lambda root: broken_config(root / "taesd")),
+        2,
+        "config.json is not a JSON object",
     ),
     (
         "distill tiny decoder other latents",

@@ -189,7 +189,10 @@ def load_tiny_decoder(path: str | Path, vae):
     path = Path(path)
     fix = "set distill.tiny_decoder to a diffusers AutoencoderTiny folder (e.g. TAESD for the SD VAE), or null"
     config = path / "config.json"
-    kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    try:
+        kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ModelError(f"distill.tiny_decoder: {config} is not a JSON object: {fix}") from None
     if kind != "AutoencoderTiny":
         found = f"is an {kind} folder" if kind else "has no config.json"
         raise ModelError(f"distill.tiny_decoder: {path} {found}, not an AutoencoderTiny: {fix}")
