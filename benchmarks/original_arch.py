@@ -170,7 +170,9 @@ def main() -> None:
         fast = OnnxBackend(folder / "fast", precision="int8")
         fns[f"onnx int8 student {FAST_SAMPLER}-4"] = lambda seed: sample(fast, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
         tiny = OnnxBackend(folder.parent / TINY, precision="int8")
-        fns[f"onnx int8 student {FAST_SAMPLER}-4 taesd"] = lambda seed: sample(tiny, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
+        fns[f"onnx int8 student {FAST_SAMPLER}-4 taesd"] = lambda seed: sample(
+            tiny, [PROMPT], FAST_SAMPLER, 4, 5.0, seed
+        )
         if args.torch:
             eager = TorchBackend(folder)
             fns["torch ddim-30"] = lambda seed: sample(eager, [PROMPT], "ddim", 30, 5.0, seed)
