@@ -568,6 +568,12 @@ CASES = [
         2,
         "at 8 pixels each, the teacher's VAE makes 4-channel latents at 4",
     ),
+    (
+        "pretrained vae a tiny decoder",
+        lambda root: ["--set", f"vae.pretrained={tiny_decoder(root, latent_channels=4)}", "cache"],
+        2,
+        "holds an AutoencoderTiny, a decoder-side stand-in",
+    ),
     ("fast without a student", S("generate", "x", "--fast"), 2, "holds no distilled model"),
     ("lcm sampler on a teacher", S("generate", "x", "--sampler", "lcm"), 2, "draws with distilled models only"),
     ("tcd sampler on a teacher", S("generate", "x", "--sampler", "tcd"), 2, "draws with distilled models only"),

@@ -154,9 +154,9 @@ def build_vae(cfg: VAEConfig):
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what a model folder's vae/ may hold
 
 
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers AutoencoderKL folder (or the AutoencoderTiny a student may decode with, see
-    load_tiny_decoder); its scaling factor comes from its own config."""
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, kinds: tuple[str, ...] = ("AutoencoderKL",)):
+    """A diffusers AutoencoderKL folder; its scaling factor comes from its own config. A model
+    folder's vae/ (kinds=VAE_CLASSES) may also hold the AutoencoderTiny a student decodes with."""
     import diffusers
 
     path = Path(path)
@@ -166,7 +166,12 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32):
         )
     try:
         kind = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-        cls = getattr(diffusers, kind if kind in VAE_CLASSES else "AutoencoderKL")
+        if kind == "AutoencoderTiny" and kind not in kinds:  # it has no latent distribution to encode with
+            raise ModelError(
+                f"{path} holds an AutoencoderTiny, a decoder-side stand-in: vae.pretrained needs the "
+                "AutoencoderKL it stands in for (a tiny decoder goes in distill.tiny_decoder)"
+            )
+        cls = getattr(diffusers, kind if kind in kinds else "AutoencoderKL")
         vae = cls.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(
