@@ -110,20 +110,20 @@ TINY = "export-tiny-decoder"
 def student_of(model: Path, folder: Path, tiny_decoder: Path | None = None) -> Path:
     """A student-shaped copy: the same UNet with a guidance-embedding input and the student scheduler,
     laid out as `blossom distill` writes it (the weights are random either way)."""
-    import dataclasses
     import json
 
     from diffusers import UNet2DConditionModel
 
     from blossom.config import Config
+    from blossom.models import load_tiny_decoder, load_vae
     from blossom.train.distill import student_from, write_student_files
 
     cfg = Config()
-    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, tiny_decoder=tiny_decoder))
+    tiny = load_tiny_decoder(tiny_decoder, load_vae(model / "vae")) if tiny_decoder else None
     student_from(
         UNet2DConditionModel.from_pretrained(model / "unet"), cfg.distill.guidance_embedding_dim
     ).save_pretrained(folder / "unet")
-    write_student_files(model, folder, cfg, json.loads((model / "blossom.json").read_text()), {})
+    write_student_files(model, folder, cfg, json.loads((model / "blossom.json").read_text()), {}, tiny)
     return folder
 
 

@@ -106,8 +106,8 @@ def distill(
             f"{cfg.text.max_tokens}: distil with the teacher's settings (and its cache)"
         )
     check_cache(cache_index(cache_dir), cfg.text.encoder, cfg.text.max_tokens, cfg.data.random_flip)
-    if d.tiny_decoder:  # refused now, not after the distillation
-        load_tiny_decoder(d.tiny_decoder, load_vae(teacher_dir / "vae"))
+    # loaded (and refused) now, not after the distillation
+    tiny = load_tiny_decoder(d.tiny_decoder, load_vae(teacher_dir / "vae")) if d.tiny_decoder else None
     ckpt_dir = out_dir / "checkpoints"
     # Checkpoints are valid for this teacher (by its weights' digest), these settings and this cache.
     # The decoder is not among them: changing it re-decodes a finished distillation, not redoes it.
@@ -238,15 +238,19 @@ def distill(
     if rt.main:
         with atomic_dir(out_dir / "model") as tmp:
             target.save_pretrained(tmp / "unet")  # the target network: the EMA the paper samples from
-            write_student_files(teacher_dir, tmp, cfg, info, result)
+            write_student_files(teacher_dir, tmp, cfg, info, result, tiny)
     rt.stop()
     return result
 
 
-def write_student_files(teacher_dir: Path, folder: Path, cfg: Config, info: dict, result: dict) -> None:
+def write_student_files(
+    teacher_dir: Path, folder: Path, cfg: Config, info: dict, result: dict, tiny_decoder=None
+) -> None:
+    """tiny_decoder: the AutoencoderTiny (models.load_tiny_decoder) the student decodes with, or None
+    for the teacher's VAE."""
     d = cfg.distill
-    if d.tiny_decoder:
-        load_tiny_decoder(d.tiny_decoder, load_vae(teacher_dir / "vae")).save_pretrained(folder / "vae")
+    if tiny_decoder is not None:
+        tiny_decoder.save_pretrained(folder / "vae")
     else:
         shutil.copytree(teacher_dir / "vae", folder / "vae")
     teacher_sched = json.loads((teacher_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -272,7 +276,7 @@ def write_student_files(teacher_dir: Path, folder: Path, cfg: Config, info: dict
                 "max_steps": d.max_steps,
                 "guidance_range": [d.guidance_min, d.guidance_max],
                 "guidance_embedding_dim": d.guidance_embedding_dim,
-                "decoder": "tiny" if d.tiny_decoder else "teacher's",
+                "decoder": "tiny" if tiny_decoder is not None else "teacher's",
                 "teacher_run": read("champion.json").get("run_id"),  # the MLflow run, for a champion
             },
         },
