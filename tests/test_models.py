@@ -44,3 +44,25 @@ def test_clip_folder_loads_as_a_savable_text_model(tmp_path):
     assert states.shape == (2, 8, 32) and torch.isfinite(states).all()
     enc.model.save_pretrained(tmp_path / "saved")  # what export needs of it
     assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
+def test_on_a_cpu_the_unet_attends_with_the_classic_processor_and_computes_the_same(micro_cfg):
+    """fit_attention swaps the fused SDPA kernel for diffusers' classic processor on a CPU only
+    (faster there for narrow heads: benchmarks/attention.py); the output is the same function."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from blossom.models import build_unet, fit_attention
+
+    torch.manual_seed(0)
+    unet = build_unet(micro_cfg, 384, (4, 8, 8)).eval()
+    x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990]), torch.randn(3, 7, 384)
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    with torch.no_grad():
+        fused = unet(x, t, encoder_hidden_states=text).sample
+        fit_attention(unet, "cuda")  # a GPU keeps the fused kernel (the device need not exist to decide)
+        assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+        assert fit_attention(unet) is unet
+        assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
+        classic = unet(x, t, encoder_hidden_states=text).sample
+    assert len(unet.attn_processors) >= 2
+    assert (fused - classic).abs().max().item() < 1e-5 * fused.abs().max().item() + 1e-6

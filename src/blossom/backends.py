@@ -14,7 +14,7 @@ from blossom.config import TextConfig
 from blossom.errors import BlossomError, ModelError, first_line
 from blossom.images import to_uint8
 from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, has_onnx, model_files_missing, unet_feed
-from blossom.models import VAE_CLASSES, load_text_encoder, load_vae, tokenize
+from blossom.models import VAE_CLASSES, fit_attention, load_text_encoder, load_vae, tokenize
 
 
 def check_finished(folder: Path) -> None:
@@ -99,7 +99,9 @@ class TorchBackend:
                 # an exported folder carries its own encoder and tokenizer
                 text.encoder, tokenizer = str(folder / text.encoder), folder / "tokenizer"
             self.text_encoder = load_text_encoder(text, tokenizer)
-            self.unet_model = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+            self.unet_model = fit_attention(
+                UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).eval()
+            )
             self.vae = load_vae(folder / "vae", dtype, kinds=VAE_CLASSES)
             self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         except BlossomError:

@@ -24,7 +24,7 @@ from blossom.env import LaunchEnv
 from blossom.fsutil import atomic_dir, atomic_path, write_json, write_text
 from blossom.memory import check_room, step_floor
 from blossom.mlflow_run import LiveRun, NoRun, row_metrics
-from blossom.models import build_unet, check_cross_attention, n_params, noise_scheduler
+from blossom.models import build_unet, check_cross_attention, fit_attention, n_params, noise_scheduler
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
 from blossom.train.distributed import Runtime
@@ -203,6 +203,7 @@ def train_diffusion(
 
     cross_attention_dim = check_cross_attention(cfg, index["text_dim"])
     unet = build_unet(cfg, cross_attention_dim=cross_attention_dim, latent_shape=data.latent_shape).to(rt.device)
+    fit_attention(unet, rt.device)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     # None when not averaging: the last weights are the model (the checkpoint still keeps the slot).
     served_ema = ema if c.ema_decay > 0 else None

@@ -30,7 +30,7 @@ from blossom.env import LaunchEnv
 from blossom.errors import BlossomError, ModelError
 from blossom.fsutil import atomic_dir, write_json, write_text
 from blossom.memory import check_room, step_floor
-from blossom.models import load_tiny_decoder, load_vae, n_params
+from blossom.models import fit_attention, load_tiny_decoder, load_vae, n_params
 from blossom.sampling import FAST_SAMPLER, FAST_SCHEDULERS, guidance_embedding
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
@@ -134,8 +134,8 @@ def distill(
     torch.manual_seed(d.seed)
     data = CacheSplit(cache_dir, "train")
     null_text = data.null_text
-    student = student_from(teacher, d.guidance_embedding_dim).to(rt.device)
-    teacher.to(rt.device)
+    student = fit_attention(student_from(teacher, d.guidance_embedding_dim).to(rt.device), rt.device)
+    fit_attention(teacher.to(rt.device), rt.device)
     target = copy.deepcopy(student).requires_grad_(False).eval()
     # The target network's weights live in an EMA at a fixed decay (min_decay = decay: no warm-up),
     # so they checkpoint and resume exactly as training's EMA does.
