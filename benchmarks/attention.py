@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import machine_line
-from timing import median_seconds
+from timing import median_seconds, unet_shapes
 
-from blossom.config import load_config
-from blossom.models import build_unet, load_text_encoder, set_threads
+from blossom.models import build_unet
 
 
 def main() -> None:
@@ -32,11 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    cfg = load_config(preset=args.preset)
-    set_threads(cfg.threads)
-    print(machine_line())
-    text_dim = load_text_encoder(cfg.text).dim
-    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // cfg.vae.downsampling]))
+    cfg, text_dim, latent = unet_shapes(args.preset)
     processors = {"fused (SDPA)": AttnProcessor2_0, "classic": AttnProcessor}
 
     def inputs(batch: int):

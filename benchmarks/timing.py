@@ -20,3 +20,18 @@ def median_seconds(fns: dict[str, Callable[[int], object]], rounds: int = 3, per
                 fn(1 + r * per_round + i)
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def unet_shapes(preset: str | None):
+    """A preset's config, its text states' width and its latent shape (channels, height, width),
+    after setting torch's threads as blossom does and printing the machine line."""
+    from machine import machine_line
+
+    from blossom.config import load_config
+    from blossom.models import load_text_encoder, set_threads
+
+    cfg = load_config(preset=preset)
+    set_threads(cfg.threads)
+    print(machine_line())
+    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // cfg.vae.downsampling]))
+    return cfg, load_text_encoder(cfg.text).dim, latent

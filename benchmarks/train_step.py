@@ -14,11 +14,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from machine import machine_line
-from timing import median_seconds
+from timing import median_seconds, unet_shapes
 
-from blossom.config import load_config
-from blossom.models import build_unet, load_text_encoder, set_threads
+from blossom.models import build_unet
 
 
 def main() -> None:
@@ -27,11 +25,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    cfg = load_config(preset=args.preset)
-    set_threads(cfg.threads)
-    print(machine_line())
-    text_dim = load_text_encoder(cfg.text).dim
-    latent = (cfg.vae.latent_channels, *(2 * [cfg.data.image_size // cfg.vae.downsampling]))
+    cfg, text_dim, latent = unet_shapes(args.preset)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *latent, generator=gen)
     target = torch.randn(args.batch, *latent, generator=gen)
