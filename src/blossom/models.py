@@ -252,8 +252,9 @@ def fit_attention(unet, device: torch.device | str = "cpu"):
     """On a CPU, diffusers' classic attention processor (two batched matrix products and a
     softmax) instead of PyTorch's fused kernel: with blossom's narrow heads (8 channels) the fused
     kernel costs more than the products, and the classic one trains the tiny UNet 1.05x faster and
-    runs its evaluation batches 1.05-1.09x faster (benchmarks/attention.py). The weights and the
-    function they compute are the same; a GPU and the ONNX export keep the fused op."""
+    runs its evaluation batches 1.05-1.09x faster (benchmarks/attention.py; the original's wide
+    heads are no slower). The weights and the function they compute are the same; a GPU and the
+    ONNX export keep the fused op."""
     if torch.device(device).type == "cpu":
         from diffusers.models.attention_processor import AttnProcessor
 
