@@ -268,6 +268,7 @@ CASES = [
     ("cfg dropout 1.5", S("--set", "train.cfg_dropout=1.5", "train"), 2, "train.cfg_dropout must be in [0, 1)"),
     ("ema decay 1", S("--set", "train.ema_decay=1", "train"), 2, "train.ema_decay must be in [0, 1)"),
     ("fp8", S("--set", "train.mixed_precision=fp8", "train"), 2, "train.mixed_precision must be"),
+    ("int8 cache", S("--set", "cache.precision=int8", "cache"), 2, "cache.precision must be one of 'auto'"),
     ("unknown sample order", S("--set", "train.order=sorted", "train"), 2, "train.order must be one of 'random' or"),
     (
         "unknown sampler in params",

@@ -199,3 +199,33 @@ def test_under_a_real_memory_limit_training_refuses_a_batch_that_cannot_fit(micr
     code, _, _, last = _in_cgroup(cmd, 1 << 30, "test")
     assert code == 2 and "one training step needs at least" in last and "memory limit (1024 MiB)" in last, last
     assert "lower train.batch_size" in last
+
+
+def test_a_bf16_build_holds_the_fp32_cache_within_its_own_storage_error(micro_prepared, tmp_path):
+    cfg, paths = micro_prepared
+    info = _build(cfg, paths, tmp_path / "bf16", precision="bf16")
+    assert info["encoded_in"] == "bf16" and cache_index(paths.cache)["encoded_in"] == "fp32"
+    a, b = load_cache(paths.cache, "train"), load_cache(tmp_path / "bf16", "train")
+    # bf16 keeps 8 bits of mantissa: ~1.1-1.3 % here (norm of the difference over the norm), the
+    # order of the int8 text storage's own error (~1.7 % on MiniLM's states)
+    for key in ("latents", "latents_flipped", "text"):
+        assert 0 < float((b[key] - a[key]).norm() / a[key].norm()) < 0.03, key
+
+
+@pytest.mark.parametrize(
+    "setting, device, flags, expect",
+    [
+        ("auto", "cpu", {"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+        ("auto", "cpu", {"avx2", "amx_tile", "amx_bf16"}, "bf16"),
+        ("auto", "cpu", {"avx2", "fma", "avx512f", "avx512_vnni"}, "fp32"),  # emulated bf16 is slower than fp32
+        ("auto", "cpu", set(), "fp32"),
+        ("fp32", "cpu", {"avx512_bf16"}, "fp32"),
+        ("bf16", "cpu", {"avx2"}, "bf16"),  # asked for: obeyed
+        ("auto", "meta", {"avx512_bf16"}, "fp32"),
+    ],
+)
+def test_auto_encodes_in_bf16_only_where_the_device_computes_it(setting, device, flags, expect):
+    from blossom.cpu import encode_precision
+
+    precision, why = encode_precision(setting, device, frozenset(flags))
+    assert precision == expect and why

@@ -112,6 +112,7 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
 def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
     """rt: the distributed runtime to build with; by default this launch's (every process of a
     torchrun launch takes part). A caller that builds in one process of many passes Runtime()."""
+    from blossom.cpu import encode_precision
     from blossom.data.cache import build_cache
     from blossom.models import check_cross_attention, load_text_encoder, load_vae
     from blossom.train import distributed
@@ -121,14 +122,23 @@ def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
     rt = rt or distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
     vae = load_vae(vae_dir(cfg, paths)).to(rt.device)
     encoder.model.to(rt.device)
+    precision, why = encode_precision(cfg.cache.precision, rt.device)
     info = build_cache(
-        paths.data, paths.cache, vae, encoder, cfg.data.image_size, cfg.text.encoder, cfg.data.random_flip, rt
+        paths.data,
+        paths.cache,
+        vae,
+        encoder,
+        cfg.data.image_size,
+        cfg.text.encoder,
+        cfg.data.random_flip,
+        rt,
+        precision=precision,
     )
     if rt.main:
         save_config(cfg, paths.cache / "config.yaml")
         print(
             f"cache: {info['splits']['train']['count']} training latents {tuple(info['latent_shape'])}, "
-            f"{info['bytes_per_sample'] / 1024:.1f} KiB per sample -> {paths.cache}"
+            f"{info['bytes_per_sample'] / 1024:.1f} KiB per sample, encoded in {precision} ({why}) -> {paths.cache}"
         )
     rt.stop()
 

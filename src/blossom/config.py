@@ -44,6 +44,13 @@ class TextConfig:
 
 
 @dataclass
+class CacheConfig:
+    # What the cache stage encodes images and captions in. auto: bf16 on devices that compute it
+    # natively (AVX512-BF16 / AMX CPUs, GPUs with bf16), fp32 elsewhere; docs/cache.md.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
 class VAEConfig:
     pretrained: str | None = None  # a diffusers AutoencoderKL folder; skips train-vae
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -230,6 +237,7 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

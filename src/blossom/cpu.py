@@ -14,6 +14,7 @@ from pathlib import Path
 # The vector extensions that decide which kernels ONNX Runtime and oneDNN run, in the order printed.
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+BF16 = ("avx512_bf16", "amx_bf16")
 
 
 @cache
@@ -54,3 +55,28 @@ def auto_precision(has_int8: bool, flags: frozenset[str] | None = None) -> tuple
     if has_vnni(flags):
         return "int8", "this CPU has VNNI int8 dot products"
     return "fp32", "this CPU has no VNNI, where int8 is not faster"
+
+
+def has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """bf16 dot products in hardware (AVX512-BF16 or AMX): where oneDNN's bf16 kernels beat fp32.
+    Elsewhere PyTorch emulates bf16, slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return platform.machine() in ("x86_64", "AMD64") and any(f in flags for f in BF16)
+
+
+def encode_precision(setting: str, device, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(precision, why) the cache stage encodes in: `auto` is bf16 where the device computes it
+    natively, else fp32. The cache stores text states in int8 (~1.7 % error) and latents in fp16,
+    so bf16's ~0.6 % costs the stored values little; on an AVX512-BF16 CPU it encodes ~2x faster."""
+    if setting != "auto":
+        return setting, f"cache.precision is {setting}"
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "this GPU computes bf16"
+        return "fp32", "this GPU has no bf16"
+    if device.type == "cpu" and has_bf16(flags):
+        return "bf16", "this CPU has bf16 dot products (AVX512-BF16 or AMX)"
+    return "fp32", "this device has no native bf16, where fp32 is faster"

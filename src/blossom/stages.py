@@ -57,8 +57,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cache",
         "encode latents and text embeddings once",
-        ("blossom.data.cache", "blossom.models", "blossom.train.distributed"),
-        ("text", "data.image_size", "vae.pretrained"),
+        ("blossom.cpu", "blossom.data.cache", "blossom.models", "blossom.train.distributed"),
+        ("text", "cache", "data.image_size", "vae.pretrained"),
         deps=("outputs/data", "outputs/vae"),
         outs=("outputs/cache",),
     ),

@@ -102,11 +102,18 @@ def _units(records: dict[str, list[Record]], captions: list[str], rows: dict[str
 
 
 def build_key(
-    data_dir: Path, vae, encoder_name: str, max_tokens: int, image_size: int, flip: bool, shard_bytes: int
+    data_dir: Path,
+    vae,
+    encoder_name: str,
+    max_tokens: int,
+    image_size: int,
+    flip: bool,
+    shard_bytes: int,
+    precision: str = "fp32",
 ) -> str:
     """What the cache's bytes depend on: a build killed part-way continues only with the same key."""
     h = hashlib.sha256(
-        json.dumps([FORMAT, encoder_name, max_tokens, image_size, flip, shard_bytes, SHARD_ROWS]).encode()
+        json.dumps([FORMAT, encoder_name, max_tokens, image_size, flip, shard_bytes, SHARD_ROWS, precision]).encode()
     )
     for split in SPLITS:
         meta = data_dir / split / "metadata.jsonl"
@@ -127,9 +134,11 @@ def build_cache(
     flip: bool = False,
     rt=None,
     shard_bytes: int = SHARD_BYTES,
+    precision: str = "fp32",
 ) -> dict:
     """flip: also cache the latents of the mirrored training images, for random flips in training.
     rt: a distributed Runtime; under torchrun each rank encodes every world-th shard.
+    precision: fp32, or bf16 (autocast) on devices that compute it natively (cpu.encode_precision).
 
     The build happens in a folder beside out_dir named after its inputs; finished shards stay
     there, so a killed build continues where it stopped, and out_dir is replaced only once every
@@ -162,8 +171,9 @@ def build_cache(
         "text_encoder": encoder_name,
         "max_tokens": str(encoder.max_tokens),
         "text_dim": str(encoder.dim),
+        "precision": precision,
     }
-    key = build_key(data_dir, vae, encoder_name, encoder.max_tokens, image_size, flip, shard_bytes)
+    key = build_key(data_dir, vae, encoder_name, encoder.max_tokens, image_size, flip, shard_bytes, precision)
     staging = out_dir.with_name(f".{out_dir.name}.build-{key}")
     if rank == 0:
         remove_stale_temps(out_dir)
@@ -182,7 +192,11 @@ def build_cache(
     if rank == 0 and len(todo) < len(mine):
         log.info("cache: %d of %d shards already built by a previous run, kept", len(mine) - len(todo), len(mine))
     caption_id = {c: i for i, c in enumerate(captions)}
-    with tqdm(total=sum(len(u[3]) for u in todo), desc="cache", unit="row", disable=rank != 0, mininterval=1) as bar:
+    device = next(vae.parameters()).device.type
+    with (
+        torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        tqdm(total=sum(len(u[3]) for u in todo), desc="cache", unit="row", disable=rank != 0, mininterval=1) as bar,
+    ):
         for name, split, _, part in todo:
             if split == "text":
                 tensors = quantize_states(encode_captions(encoder, part).numpy())
@@ -195,7 +209,7 @@ def build_cache(
     info = None
     if rank == 0:
         names = {part: [u[0] for u in units if u[1] == part] for part in ("text", *SPLITS)}
-        info = write_index(staging, names, encoder_name, encoder.max_tokens, encoder.dim, latent_shape, flip)
+        info = write_index(staging, names, encoder_name, encoder.max_tokens, encoder.dim, latent_shape, flip, precision)
         swap_in(staging, out_dir)
     if rt:
         rt.barrier()
@@ -240,6 +254,7 @@ def write_index(
     text_dim: int,
     latent_shape,
     flip: bool,
+    precision: str = "fp32",
 ) -> dict:
     """index.json for the shards `names` ("text", "train", "val": file names in order) in folder."""
     info: dict = {
@@ -248,6 +263,7 @@ def write_index(
         "max_tokens": max_tokens,
         "text_dim": text_dim,
         "flipped": flip,
+        "encoded_in": precision,
         "latent_shape": list(latent_shape),
         "dtypes": {"latents": "float16", "text": "int8", "text_scale": "float16", "caption": "int32"},
         "text": {"count": 0, "null_caption": 0, "shards": []},
