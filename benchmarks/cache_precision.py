@@ -18,7 +18,7 @@ from machine import machine_line
 from timing import median_seconds
 
 from blossom.config import load_config
-from blossom.cpu import encode_precision
+from blossom.cpu import pick_precision
 from blossom.data.cache import dequantize_states, encode_captions, encode_images, quantize_states
 from blossom.data.folder import load_images, read_metadata
 from blossom.images import to_tensor
@@ -38,7 +38,7 @@ def main() -> None:
     cfg = load_config()
     set_threads(cfg.threads)
     print(machine_line())
-    precision, why = encode_precision("auto", "cpu")
+    precision, why = pick_precision("auto", "cpu")
     print(f"cache.precision auto here: {precision} ({why})")
     out = Path(args.outputs)
     records = read_metadata(out / "data" / "train")[: args.rows]

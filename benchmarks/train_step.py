@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timing import median_seconds, unet_shapes
 
-from blossom.models import build_unet
+from blossom.models import build_unet, fit_attention
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
 
     def variant(bf16: bool, channels_last: bool):
         torch.manual_seed(0)
-        unet = build_unet(cfg, text_dim, latent)
+        unet = fit_attention(build_unet(cfg, text_dim, latent), "cpu")  # the attention `blossom train` uses here
         xs = x
         if channels_last:
             unet, xs = unet.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)

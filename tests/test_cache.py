@@ -225,7 +225,7 @@ def test_a_bf16_build_holds_the_fp32_cache_within_its_own_storage_error(micro_pr
     ],
 )
 def test_auto_encodes_in_bf16_only_where_the_device_computes_it(setting, device, flags, expect):
-    from blossom.cpu import encode_precision
+    from blossom.cpu import pick_precision
 
-    precision, why = encode_precision(setting, device, frozenset(flags))
+    precision, why = pick_precision(setting, device, frozenset(flags))
     assert precision == expect and why

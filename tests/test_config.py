@@ -107,6 +107,7 @@ def test_a_bare_no_written_by_yaml_1_2_tools_still_means_no(tmp_path):
         ({"mixed_precision": "no"}, {"mixed_precision": "bf16"}, "make them agree"),
         ({"mixed_precision": "fp8"}, {}, "no, bf16 or fp16"),
         ({"mixed_precision": "fp16"}, {"mixed_precision": "bf16"}, "make them agree"),
+        ({"mixed_precision": "fp16"}, {"mixed_precision": "auto"}, "fp16"),  # the launcher decides what auto would
         ({"use_deepspeed": True}, {}, "train.deepspeed is not set"),
         ({}, {}, "no"),
     ],

@@ -64,12 +64,13 @@ def test_an_ema_decay_serves_averaged_weights(micro_prepared, tmp_path):
     assert all(torch.equal(served[n], ema[str(i)]) for i, n in enumerate(names))  # the EMA's (in parameter order)
 
 
-@pytest.mark.parametrize("precision", ["no", "fp16"])
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_path, precision):
     import dataclasses
 
     cfg, paths = micro_prepared
-    # fp16 (a T4's mixed precision) carries a gradient scaler whose state must resume too
+    # fp16 (a T4's mixed precision) carries a gradient scaler whose state must resume too; bf16 is
+    # what `auto` trains in on CPUs with AVX512-BF16 or AMX
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
     full = tmp_path / "full"
     train_diffusion(cfg, paths.cache, paths.vae, full)
@@ -83,7 +84,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(micro_prepared, tmp_pat
     ema_a = load_file(full / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     ema_b = load_file(cut / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    assert [s for s, _ in result["val_history"]] == [2, 4]
+    assert [s for s, _ in result["val_history"]] == [2, 4] and result["mixed_precision"] == precision
     steps = [json.loads(line)["step"] for line in (cut / "stats.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the killed run's step-3 line was dropped, not duplicated
 
@@ -203,3 +204,28 @@ def test_logit_normal_timesteps_sit_in_the_middle_and_replay_from_the_generator(
     assert shifted.float().mean() > t.float().mean() + 100  # a positive mean leans to the noisy end
     u = draw_timesteps(SimpleNamespace(timesteps="uniform"), 1000, 20000, torch.Generator().manual_seed(0))
     assert abs(((u >= 250) & (u < 750)).float().mean().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize(
+    "setting, device, flags, expect",
+    [
+        ("auto", "cpu", {"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+        ("auto", "cpu", {"avx2", "amx_tile", "amx_bf16"}, "bf16"),
+        ("auto", "cpu", {"avx2", "fma", "avx512f", "avx512_vnni"}, "no"),  # emulated bf16 trains slower than fp32
+        ("no", "cpu", {"avx512_bf16"}, "no"),
+        ("fp16", "cpu", {"avx2"}, "fp16"),
+        ("bf16", "cpu", {"avx2"}, "bf16"),
+    ],
+)
+def test_mixed_precision_auto_trains_in_bf16_only_where_the_device_computes_it(
+    setting, device, flags, expect, monkeypatch
+):
+    import dataclasses
+
+    from blossom import cpu
+    from blossom.config import TrainConfig
+    from blossom.train.distributed import concrete_precision
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    c = dataclasses.replace(TrainConfig(), mixed_precision=setting)
+    assert concrete_precision(c, torch.device(device)).mixed_precision == expect

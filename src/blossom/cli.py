@@ -112,7 +112,7 @@ def cmd_train_vae(cfg: Config, paths: Paths, args) -> None:
 def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
     """rt: the distributed runtime to build with; by default this launch's (every process of a
     torchrun launch takes part). A caller that builds in one process of many passes Runtime()."""
-    from blossom.cpu import encode_precision
+    from blossom.cpu import pick_precision
     from blossom.data.cache import build_cache
     from blossom.models import check_cross_attention, load_text_encoder, load_vae
     from blossom.train import distributed
@@ -122,7 +122,7 @@ def cmd_cache(cfg: Config, paths: Paths, args, rt=None) -> None:
     rt = rt or distributed.connect(launch_env())  # under torchrun each process encodes its share of the shards
     vae = load_vae(vae_dir(cfg, paths)).to(rt.device)
     encoder.model.to(rt.device)
-    precision, why = encode_precision(cfg.cache.precision, rt.device)
+    precision, why = pick_precision(cfg.cache.precision, rt.device)
     info = build_cache(
         paths.data,
         paths.cache,

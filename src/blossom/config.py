@@ -117,7 +117,9 @@ class TrainConfig:
     # Under torchrun / accelerate launch: DDP by default; a DeepSpeed JSON (configs/deepspeed_zero2.json)
     # switches to DeepSpeed ZeRO. Its batch size, clipping and precision are filled in from this section.
     deepspeed: str | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16: GPUs without bf16 (with a gradient scaler)
+    # auto: bf16 where the device computes it natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else no.
+    # fp16: GPUs without bf16 (with a gradient scaler).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     # The order samples are read in: random (drawn with replacement) or shards (epochs over the
     # shuffled cache shards, dealt to `lanes` streams: what reading from object storage needs).
     order: Literal["random", "shards"] = "random"
@@ -534,7 +536,7 @@ def with_launcher(cfg: Config, launch: LaunchEnv) -> Config:
                 f"accelerate launch --mixed_precision {wanted}: blossom trains with "
                 f"{', '.join(allowed[:-1])} or {allowed[-1]}"
             )
-        if cfg.train.mixed_precision != "no":
+        if cfg.train.mixed_precision not in ("no", "auto"):
             raise ConfigError(
                 f"accelerate launch --mixed_precision {wanted} but train.mixed_precision is "
                 f"{cfg.train.mixed_precision}: make them agree"

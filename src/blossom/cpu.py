@@ -64,17 +64,16 @@ def has_bf16(flags: frozenset[str] | None = None) -> bool:
     return platform.machine() in ("x86_64", "AMD64") and any(f in flags for f in BF16)
 
 
-def encode_precision(setting: str, device, flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """(precision, why) the cache stage encodes in: `auto` is bf16 where the device computes it
-    natively, else fp32. The cache stores text states in int8 (~1.7 % error) and latents in fp16,
-    so bf16's ~0.6 % costs the stored values little; on an AVX512-BF16 CPU it encodes ~2x faster."""
+def pick_precision(setting: str, device, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(precision, why) for work that runs under bf16 autocast where that pays (the cache's
+    encoders, training): `auto` is bf16 where the device computes bf16 natively, else fp32."""
     if setting != "auto":
-        return setting, f"cache.precision is {setting}"
+        return setting, f"set to {setting}"
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # Ampere on; a T4 only emulates it
             return "bf16", "this GPU computes bf16"
         return "fp32", "this GPU has no bf16"
     if device.type == "cpu" and has_bf16(flags):

@@ -138,7 +138,7 @@ def build_cache(
 ) -> dict:
     """flip: also cache the latents of the mirrored training images, for random flips in training.
     rt: a distributed Runtime; under torchrun each rank encodes every world-th shard.
-    precision: fp32, or bf16 (autocast) on devices that compute it natively (cpu.encode_precision).
+    precision: fp32, or bf16 (autocast) on devices that compute it natively (cpu.pick_precision).
 
     The build happens in a folder beside out_dir named after its inputs; finished shards stay
     there, so a killed build continues where it stopped, and out_dir is replaced only once every

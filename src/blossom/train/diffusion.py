@@ -162,8 +162,9 @@ def train_diffusion(
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    c = cfg.train
-    rt = distributed.start(launch, c)
+    rt = distributed.start(launch, cfg.train)
+    c = distributed.concrete_precision(cfg.train, rt.device)
+    cfg = dataclasses.replace(cfg, train=c)  # the fingerprint and the saved settings name what ran
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"
     if resume not in (None, "auto"):
@@ -327,6 +328,7 @@ def train_diffusion(
             "val_history": val_history,
             "unet_params": n_params(unet),
             "processes": rt.world,
+            "mixed_precision": c.mixed_precision,
             "train_seconds_this_run": round(time.time() - t0, 1),
             "mlflow_run_id": live.run_id,
         }

@@ -7,7 +7,9 @@ order of floating-point sums in the gradient all-reduce).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch.distributed as dist
 from blossom.config import TrainConfig
 from blossom.env import LaunchEnv
 from blossom.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +93,19 @@ def connect(launch: LaunchEnv) -> Runtime:
         store = dist.PrefixStore(f"blossom/attempt-{launch.restart_count}", store)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     return Runtime(launch.rank, launch.world_size, device, True)
+
+
+def concrete_precision(c: TrainConfig, device: torch.device) -> TrainConfig:
+    """`mixed_precision: auto` made concrete for this device before anything depends on it
+    (autocast, DeepSpeed's config, the checkpoints' fingerprint): bf16 where the device computes
+    bf16 natively, else no: a CPU without AVX512-BF16 or AMX emulates bf16, slower than fp32."""
+    if c.mixed_precision != "auto":
+        return c
+    from blossom.cpu import pick_precision
+
+    precision, why = pick_precision("auto", device)
+    log.info("train.mixed_precision auto: %s (%s)", precision, why)
+    return dataclasses.replace(c, mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 def autocast(rt: Runtime, c: TrainConfig):
