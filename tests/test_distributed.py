@@ -307,7 +307,9 @@ def test_two_processes_build_the_cache_one_process_builds(micro_prepared, tmp_pa
     root.mkdir()
     for name in ("data", "vae"):
         shutil.copytree(getattr(paths, name), root / name)
-    res = subprocess.run(train_cmd(root, procs=2) + ["cache"], capture_output=True, text=True, timeout=600)
+    # in fp32, as the one-process reference was built (auto would pick bf16 on some CPUs)
+    cmd = train_cmd(root, "--set", "cache.precision=fp32", procs=2) + ["cache"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = cache_index(paths.cache), cache_index(root / "cache")
     assert two["splits"] == one["splits"] and two["text"] == one["text"]

@@ -73,7 +73,10 @@ def test_the_flow_runs_on_a_pretrained_vae_and_clip_from_local_folders(tiny_part
     from blossom.sampling import sample
 
     vae_dir, clip_dir = tiny_parts
-    cfg = config_with(tmp_path, f"vae.pretrained={vae_dir}", f"text.encoder={clip_dir}", "train.steps=2")
+    # cache.precision fp32: the latents are checked against an fp32 encoding below (bf16: tests/test_cache.py)
+    cfg = config_with(
+        tmp_path, f"vae.pretrained={vae_dir}", f"text.encoder={clip_dir}", "train.steps=2", "cache.precision=fp32"
+    )
     paths, args = cli.Paths(cfg.out), argparse.Namespace(source=None, path=None, resume=None)
     for stage in (cli.cmd_data, cli.cmd_train_vae, cli.cmd_cache, cli.cmd_train):
         stage(cfg, paths, args)
