@@ -41,9 +41,9 @@ def main() -> None:
     precision, why = pick_precision("auto", "cpu")
     print(f"cache.precision auto here: {precision} ({why})")
     out = Path(args.outputs)
-    records = read_metadata(out / "data" / "train")[: args.rows]
-    captions = sorted({r.text for r in read_metadata(out / "data" / "train")})[: args.rows]
-    images, _ = load_images(records, cfg.data.image_size)
+    records = read_metadata(out / "data" / "train")
+    captions = sorted({r.text for r in records})[: args.rows]
+    images, _ = load_images(records[: args.rows], cfg.data.image_size)
     pixels = to_tensor(images)
     encoder, vae = load_text_encoder(cfg.text), load_vae(out / "vae").eval()
 
@@ -52,7 +52,7 @@ def main() -> None:
             return encode_captions(encoder, captions)
 
     def latents(precision: str) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # encode_images: no_grad
             return torch.cat([encode_images(vae, pixels), encode_images(vae, pixels.flip(-1))]).float()
 
     fns = {

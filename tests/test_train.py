@@ -175,7 +175,7 @@ def test_fp16_scales_small_gradients_that_would_underflow():
         model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         c = dataclasses.replace(TrainConfig(), mixed_precision=precision)
-        rt = distributed.start(LaunchEnv(), c)
+        rt, c = distributed.start(LaunchEnv(), c)
         engine = distributed.Engine(model, opt, rt, c)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = model(torch.randn(8, 16)).float().mean() * 1e-9

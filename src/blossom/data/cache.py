@@ -171,7 +171,7 @@ def build_cache(
         "text_encoder": encoder_name,
         "max_tokens": str(encoder.max_tokens),
         "text_dim": str(encoder.dim),
-        "precision": precision,
+        "encoded_in": precision,
     }
     key = build_key(data_dir, vae, encoder_name, encoder.max_tokens, image_size, flip, shard_bytes, precision)
     staging = out_dir.with_name(f".{out_dir.name}.build-{key}")
@@ -192,9 +192,8 @@ def build_cache(
     if rank == 0 and len(todo) < len(mine):
         log.info("cache: %d of %d shards already built by a previous run, kept", len(mine) - len(todo), len(mine))
     caption_id = {c: i for i, c in enumerate(captions)}
-    device = next(vae.parameters()).device.type
     with (
-        torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        torch.autocast(vae.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         tqdm(total=sum(len(u[3]) for u in todo), desc="cache", unit="row", disable=rank != 0, mininterval=1) as bar,
     ):
         for name, split, _, part in todo:

@@ -162,8 +162,7 @@ def train_diffusion(
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    rt = distributed.start(launch, cfg.train)
-    c = distributed.concrete_precision(cfg.train, rt.device)
+    rt, c = distributed.start(launch, cfg.train)
     cfg = dataclasses.replace(cfg, train=c)  # the fingerprint and the saved settings name what ran
     ckpt_dir = out_dir / "checkpoints"
     stats_path = out_dir / "stats.jsonl"

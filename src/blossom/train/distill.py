@@ -97,8 +97,7 @@ def distill(
     d = cfg.distill
     # The loop's plumbing (processes, precision, clipping, checkpoints) reads a TrainConfig.
     c = dataclasses.replace(cfg.train, steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=d.seed)
-    rt = distributed.start(launch, c)
-    c = distributed.concrete_precision(c, rt.device)
+    rt, c = distributed.start(launch, c)
     teacher, sched, info = load_teacher(teacher_dir)
     if info["text"]["encoder"] != cfg.text.encoder or info["text"]["max_tokens"] != cfg.text.max_tokens:
         raise BlossomError(

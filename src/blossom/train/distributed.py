@@ -64,13 +64,17 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def start(launch: LaunchEnv, c: TrainConfig) -> Runtime:
+def start(launch: LaunchEnv, c: TrainConfig) -> tuple[Runtime, TrainConfig]:
+    """This process's runtime, and the config the loop runs: `mixed_precision: auto` made
+    concrete for its device before anything depends on it (autocast, DeepSpeed's config, the
+    checkpoints' fingerprint)."""
     if launch.world_size > 1 and c.batch_size % launch.world_size:
         raise ConfigError(
             f"train.batch_size {c.batch_size} does not split over {launch.world_size} processes: "
             f"make it a multiple of {launch.world_size}"
         )
-    return connect(launch)
+    rt = connect(launch)
+    return rt, concrete_precision(c, rt.device)
 
 
 def local_device(local_rank: int = 0) -> torch.device:
@@ -96,9 +100,8 @@ def connect(launch: LaunchEnv) -> Runtime:
 
 
 def concrete_precision(c: TrainConfig, device: torch.device) -> TrainConfig:
-    """`mixed_precision: auto` made concrete for this device before anything depends on it
-    (autocast, DeepSpeed's config, the checkpoints' fingerprint): bf16 where the device computes
-    bf16 natively, else no: a CPU without AVX512-BF16 or AMX emulates bf16, slower than fp32."""
+    """`mixed_precision: auto` for this device: bf16 where the device computes bf16 natively,
+    else no: a CPU without AVX512-BF16 or AMX emulates bf16, slower than fp32."""
     if c.mixed_precision != "auto":
         return c
     from blossom.cpu import pick_precision
