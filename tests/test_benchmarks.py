@@ -69,3 +69,23 @@ def test_the_prepared_gpu_pipeline_runs_every_stage_and_both_recipes_on_cpu(tmp_
     for name in ("a-train.json", "b-train.json", "a-metrics.json", "b-metrics.json", "logs.tar.gz"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "out" / "b-metrics.json").read_text())["val_loss"] > 0
+
+
+def test_the_digit_judge_reads_a_digit_blossom_stored_as_the_8x8_grey_levels_it_was(tmp_path):
+    """real_digits.py judges drawn 64 px images on the data set's own 8x8 ink scale: a digit
+    written to its folder and taken in by `blossom data`'s resize comes back near its levels."""
+    from PIL import Image
+    from real_digits import grey8, write_folder
+    from sklearn.datasets import load_digits
+
+    from blossom.data.ingest import Policy, prepare
+
+    write_folder(tmp_path)
+    rows = (tmp_path / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 1797 and '"text": "a handwritten digit zero"' in rows[0]
+    digits = load_digits()
+    for i in (0, 7, 1000):
+        pixels, _, _ = prepare(tmp_path / f"digit_{i:04d}.png", Policy(size=64))
+        assert Image.open(tmp_path / f"digit_{i:04d}.png").size == (8, 8)
+        back = grey8(pixels[None])[0]
+        assert abs(back - digits.data[i]).mean() < 1.0  # of 16 levels
