@@ -40,13 +40,17 @@ test-tools:
 
 LINTED := src tests benchmarks space
 
+# One pytest-xdist worker per core, each on cores of its own (tests/conftest.py), a test file per
+# worker at a time: much of the suite waits on subprocess start-up and servers, not on arithmetic.
+PYTEST := $(BIN)/pytest -q -n auto --dist loadfile
+
 test: install-test test-tools
 	$(BIN)/ruff format --check -q $(LINTED)
 	$(BIN)/ruff check -q $(LINTED)
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: install-test
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/cache_throughput.py

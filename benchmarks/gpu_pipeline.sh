@@ -58,11 +58,17 @@ say "recipe b: $*"
 stage "$b" train "${sets[@]}"
 cp "$b/train/model/train.json" "$out/b-train.json" 2>/dev/null
 
-# both evaluations at once, each on half the cores (sampling runs on the CPU)
+# both evaluations at once, each on half the cores (sampling runs on the CPU); one after the
+# other where there is a single core
 half=$(($(nproc) / 2))
-taskset -c 0-$((half - 1)) bash -c "$(declare -f stage say); $(declare -p py work summary preset common); stage $a evaluate" &
-taskset -c "$half-$(($(nproc) - 1))" bash -c "$(declare -f stage say); $(declare -p py work summary preset common); stage $b evaluate ${sets[*]}" &
-wait
+if [ "$half" -ge 1 ]; then
+  taskset -c 0-$((half - 1)) bash -c "$(declare -f stage say); $(declare -p py work summary preset common); stage $a evaluate" &
+  taskset -c "$half-$(($(nproc) - 1))" bash -c "$(declare -f stage say); $(declare -p py work summary preset common); stage $b evaluate ${sets[*]}" &
+  wait
+else
+  stage "$a" evaluate
+  stage "$b" evaluate "${sets[@]}"
+fi
 for r in a b; do cp "$work/$r/eval/metrics.json" "$out/$r-metrics.json" && cp "$work/$r/eval/samples.png" "$out/$r-samples.png"; done
 (cd "$work" && tar -czf "$out/logs.tar.gz" ./*.log)
 say "done"

@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/blossom-digits")
     ap.add_argument("--per-digit", type=int, default=48)
     ap.add_argument("--set", action="append", default=[], help="a config override for every stage")
+    ap.add_argument("--prompt", default=PROMPT, help="the scored prompt, with {word} or {digit}")
     ap.add_argument("--grid", default=None, help="also write the first 8 draws of each digit here (PNG)")
     args = ap.parse_args()
     print(machine_line())
@@ -125,7 +126,7 @@ def main() -> None:
     backend = TorchBackend(outputs / "train" / "model")
     s = load_config(overrides=sets).sample
     want = np.repeat(np.arange(10), args.per_digit)
-    prompts = [PROMPT.format(word=WORDS[d]) for d in want]
+    prompts = [args.prompt.format(word=WORDS[d], digit=d) for d in want]
 
     def draw(prompts: list[str], guidance: float) -> np.ndarray:
         batches = range(0, len(prompts), 64)

@@ -7,13 +7,25 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from blossom.config import load_config
+# `make test` runs the tests on one pytest-xdist worker per core. Each worker keeps to its own
+# cores, and so do its subprocesses (they inherit the mask): blossom, torch and ONNX Runtime then
+# size their threads to those cores, and two workers never contend for one (oversubscribed torch
+# threads spin, and a run beside another became 17x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _share = len(_cpus) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if _share >= 1:
+        _index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+        os.sched_setaffinity(0, _cpus[_index * _share : (_index + 1) * _share])
+
+import torch  # noqa: E402  (after the mask: torch sizes its thread pool when first imported)
+
+from blossom.config import load_config  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 # A config small enough for unit tests: 32 px images, 8x8x4 latents, a ~0.2M-parameter UNet.
 MICRO = [

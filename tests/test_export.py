@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -290,3 +292,13 @@ def test_int8_below_the_bar_ships_the_best_block_and_only_its_weights(
     assert shipped == (tmp_path / "direct.onnx.data").stat().st_size
     assert not list((out / "onnx").glob(".best*"))
     load_backend("onnx", out, "int8")
+
+
+def test_onnx_threads_follow_the_cores_the_process_may_use():
+    # under taskset or a container's cpuset, sessions must not start a thread per host core
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from blossom.backends import physical_cores; print(physical_cores())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"

@@ -74,7 +74,8 @@ def check_scheduler(folder: Path, distilled: dict | None, scheduler_config: dict
 def physical_cores() -> int:
     import psutil
 
-    return psutil.cpu_count(logical=False) or len(os.sched_getaffinity(0))
+    usable = len(os.sched_getaffinity(0))  # taskset, a container's cpuset
+    return min(psutil.cpu_count(logical=False) or usable, usable)
 
 
 class TorchBackend:

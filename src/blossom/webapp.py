@@ -229,7 +229,8 @@ def main() -> None:
     except (
         Exception
     ) as e:  # a broken folder can fail in many libraries' own ways; none may reach the page as a traceback
-        first = first_line(e, 300)
+        # blossom's own messages end with the fix, which a cut would lose on a long path
+        first = str(e) if isinstance(e, BlossomError) else first_line(e, 300)
         st.error(f"The model {model_label(folder)} cannot be loaded: {first}")
         return
 
