@@ -42,7 +42,7 @@ LINTED := src tests benchmarks space
 
 # One pytest-xdist worker per core, each on cores of its own (tests/conftest.py): much of the suite
 # waits on subprocess start-up and servers, not on arithmetic. A worker that runs out of tests takes
-# some of the other's (worksteal: 852 s here, against 983 s handing out whole files).
+# some of the other's (worksteal), so one long file does not leave a core idle at the end.
 PYTEST := $(BIN)/pytest -q -n auto --dist worksteal
 
 test: install-test test-tools
