@@ -163,7 +163,7 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(
             f"cannot load the ONNX model {path} ({first}): export it again with `blossom export`"
         ) from None
