@@ -336,7 +336,7 @@ def train_diffusion(
             with ema_weights(unet, served_ema), atomic_dir(out_dir / "model") as tmp:
                 unet.save_pretrained(tmp / "unet")  # the EMA weights (or the last): what gets evaluated and served
                 write_model_files(cfg, vae_dir, tmp, result)
-    rt.stop()
+    rt.stop(engine)
     return result
 
 

@@ -239,7 +239,7 @@ def distill(
         with atomic_dir(out_dir / "model") as tmp:
             target.save_pretrained(tmp / "unet")  # the target network: the EMA the paper samples from
             write_student_files(teacher_dir, tmp, cfg, info, result, tiny)
-    rt.stop()
+    rt.stop(engine)
     return result
 
 

@@ -57,8 +57,10 @@ class Runtime:
             dist.all_reduce(values)
         return values.cpu()
 
-    def stop(self) -> None:
+    def stop(self, engine: Engine | None = None) -> None:
         if self.world > 1:
+            if engine is not None:
+                engine.close()
             # Without the barrier a rank that finishes first tears down the group under the others.
             dist.barrier()
             dist.destroy_process_group()
@@ -167,6 +169,16 @@ class Engine:
         elif rt.world > 1:
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.forward = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def close(self) -> None:
+        """Let go of the DDP wrapper while the process group is still registered.
+
+        DDP's C++ reducer holds the group; were it the group's last owner, freeing the wrapper
+        would join gloo's worker threads while holding the GIL, and a worker still letting go of a
+        finished all-reduce's Python tensors waits for that GIL: a hang at exit (seen with both
+        ranks on one core). Dropped here, the group's last owner is the registry, whose handle
+        releases the GIL as it destroys the group."""
+        self.forward = self.ds if self.ds is not None else self.module
 
     @property
     def sharded(self) -> bool:
