@@ -247,6 +247,34 @@ def test_torchrun_restarts_a_killed_worker_and_training_resumes_by_itself(micro_
     assert stats_steps(spot) == list(range(1, KILL_STEPS + 1))
 
 
+def test_stopping_lets_go_of_the_ddp_wrapper_before_the_process_group(micro_cfg, monkeypatch):
+    """DDP's C++ reducer must not be the process group's last owner: freed with the GIL held, it
+    joins gloo's threads while one of them waits for that GIL (a hang at exit, seen in CI with both
+    ranks on one core). stop() lets go of the wrapper while the group is still registered."""
+    import weakref
+
+    import torch.distributed as dist
+
+    from blossom.train import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rt = distributed.Runtime(0, 2, torch.device("cpu"), True)  # two ranks' path, on a group of one
+        module = torch.nn.Linear(4, 4)
+        engine = distributed.Engine(module, torch.optim.SGD(module.parameters(), lr=0.1), rt, micro_cfg.train)
+        engine.step(engine.forward(torch.randn(2, 4)).sum())
+        wrapper = weakref.ref(engine.forward)
+        assert isinstance(wrapper(), torch.nn.parallel.DistributedDataParallel)
+        seen = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: (seen.append(wrapper()), destroy()))
+        rt.stop(engine)
+        assert seen == [None] and engine.forward is module
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_deepspeed_without_a_launcher_says_how_to_launch(micro_prepared, tmp_path):
     import dataclasses
 
