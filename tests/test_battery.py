@@ -599,7 +599,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def made(micro_exported, micro_prepared, tmp_path_factory):
     """A finished project's outputs (data set, trained model, export), made once and copied per case."""
     model, export, _ = micro_exported

@@ -39,7 +39,7 @@ WORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_florence(tmp_path_factory) -> Path:
     """A Florence-2 with a 2-stage DaViT and a 1-layer BART, random weights, saved with its processor."""
     from transformers import (

@@ -25,7 +25,7 @@ def micro_distill_cfg(cfg, **extra):
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **{**DISTILL, **extra}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def student(micro_exported, micro_prepared, tmp_path_factory):
     teacher, _, _ = micro_exported
     cfg, paths = micro_prepared
@@ -121,7 +121,7 @@ def test_a_changed_setting_does_not_resume(student, micro_exported, micro_prepar
     assert again["loss_history"][1] != student[1]["loss_history"][1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(student, micro_exported, tmp_path_factory):
     """The micro teacher exported with its student in fast/: (export folder, parity numbers)."""
     from blossom.export import export

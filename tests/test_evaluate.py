@@ -23,7 +23,7 @@ from blossom.evaluate import adherence, format_table, frechet_distance
 from blossom.stats import adherence_table, flatten
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
     cfg = load_config(
         PARAMS,

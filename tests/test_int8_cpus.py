@@ -47,7 +47,7 @@ def test_saved_int8_graphs_cannot_saturate_on_any_x86_cpu(micro_exported):
         assert not saturates_without_vnni(out / "onnx" / name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_range(micro_exported, tmp_path_factory):
     """The micro export with full-range (8-bit) int8 weights: the format blossom wrote before."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -20,7 +20,7 @@ SCALING = 0.37  # not SD's 0.18215 nor 1.0: proves the factor is read from the V
 CLIP_WIDTH = 32  # not MiniLM's 384: the UNet's cross-attention must follow the encoder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """A diffusers AutoencoderKL folder and a transformers CLIPTextModel + tokenizer folder, random weights."""
     from diffusers import AutoencoderKL

@@ -17,7 +17,7 @@ from blossom.errors import BlossomError
 from blossom.realmetrics import inception, real_image_metrics
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inception_file(tmp_path_factory) -> Path:
     """The FID Inception architecture with random weights, saved as safetensors (the real file is 91 MB).
     Needs torch-fidelity, whose torchvision has no CPU build on the CI machines: skipped there."""
@@ -39,7 +39,7 @@ def inception_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clip_folder(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 

@@ -7,7 +7,7 @@ from blossom.sampling import SAMPLERS, sample
 from blossom.train.diffusion import train_diffusion
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def backend(micro_prepared, tmp_path_factory):
     cfg, paths = micro_prepared
     out = tmp_path_factory.mktemp("sampling") / "train"
