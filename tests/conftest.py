@@ -18,10 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     if _share >= 1:
         _index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
         os.sched_setaffinity(0, _cpus[_index * _share : (_index + 1) * _share])
-# Fixtures that build files are session-scoped, also those a test module defines for itself:
-# work stealing interleaves modules on a worker, and pytest tears a module-scoped fixture down
-# whenever its worker moves to another module, rebuilding it when the module comes back (the
-# evaluation tests' classifier was trained three times in one run).
 
 import torch  # noqa: E402  (after the mask: torch sizes its thread pool when first imported)
 
@@ -92,6 +88,10 @@ def micro_cfg(micro_overrides):
     return load_config(PARAMS, None, micro_overrides)
 
 
+# Fixtures that build files are session-scoped, also those a test module defines for itself:
+# work stealing interleaves modules on a worker, and pytest tears a module-scoped fixture down
+# whenever its worker moves to another module, rebuilding it when the module comes back (the
+# evaluation tests' classifier was trained three times in one run).
 @pytest.fixture(scope="session")
 def micro_prepared(tmp_path_factory):
     """Data, VAE and cache for the micro config, built once per test session."""
