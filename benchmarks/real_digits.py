@@ -117,9 +117,10 @@ def main() -> None:
     from blossom.config import load_config
     from blossom.evaluate import through_vae
     from blossom.images import image_grid
+    from blossom.models import set_threads
     from blossom.sampling import sample
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_threads(0)
     train_images, train_digits = read_split(outputs, "train")
     val_images, val_digits = read_split(outputs, "val")
     judge = SVC(gamma=0.001, C=10).fit(grey8(train_images), train_digits)

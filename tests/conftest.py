@@ -19,13 +19,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         _index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
         os.sched_setaffinity(0, _cpus[_index * _share : (_index + 1) * _share])
 
-import torch  # noqa: E402  (after the mask: torch sizes its thread pool when first imported)
-
+# after the mask: torch (imported by blossom.models) sizes its thread pool when first imported
 from blossom.config import load_config  # noqa: E402
+from blossom.models import set_threads  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(len(os.sched_getaffinity(0)))
+set_threads(0)  # one thread per core of this worker's mask
 
 # A config small enough for unit tests: 32 px images, 8x8x4 latents, a ~0.2M-parameter UNet.
 MICRO = [
