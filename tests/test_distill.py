@@ -279,8 +279,16 @@ def test_distill_stage_registers_fast_and_every_path_serves_it(micro_exported, m
     ]
     for stage in ("classifier", "evaluate", "promote"):
         assert cli.main([*args, stage]) == 0
+    # The DVC stage with distillation off: a placeholder in each of its outputs (DVC warns of an
+    # empty one), which a real distillation then replaces.
+    assert cli.main([*args, "distill", "--if-enabled"]) == 0
+    for part in ("model", "eval", "checkpoints"):
+        assert [p.name for p in (out / "distill" / part).iterdir()] == ["SKIPPED.txt"]
     monkeypatch.setattr(cli, "FAST_BAR", 1.0)
     assert cli.main([*args, "distill"]) == 0
+    for part in ("model", "eval", "checkpoints"):
+        assert not (out / "distill" / part / "SKIPPED.txt").exists()
+    assert any((out / "distill" / "checkpoints").glob("step-*"))
     metrics = json.loads((out / "distill" / "eval" / "metrics.json").read_text())
     assert list(metrics["steps"]) == ["1", "2", "4", "8"]
     assert all(m["images"] == metrics["steps"]["4"]["images"] > 0 for m in metrics["steps"].values())

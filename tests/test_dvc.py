@@ -115,6 +115,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_needs(tmp_pat
         "publish",
     }
     assert (root / "dvc-storage" / "files" / "md5").is_dir()  # the data set went to the default remote
+    assert "is empty" not in (root / "repro.log").read_text()  # DVC warns of an empty output folder
     champion = json.loads((published / "champion.json").read_text())
     assert champion["version"] == "1" and (published / "README.md").exists()
 

@@ -297,13 +297,13 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
     if args.if_enabled and not cfg.distill.enabled:
         from blossom.fsutil import write_text
 
-        # DVC needs the stage's outputs to exist: placeholders that export and generate pass over
-        # (a student distilled earlier by hand is left alone; export checks whose student it is)
-        for name in ("model", "eval"):
+        # DVC needs the stage's outputs to exist, and warns of an empty one: placeholders that
+        # export, generate and resuming pass over (a student distilled earlier by hand is left
+        # alone; export checks whose student it is)
+        for name in ("model", "eval", "checkpoints"):
             (paths.distill / name).mkdir(parents=True, exist_ok=True)
             if not any((paths.distill / name).iterdir()):
                 write_text(paths.distill / name / SKIPPED, "distill.enabled is false: nothing distilled\n")
-        (paths.distill / "checkpoints").mkdir(exist_ok=True)
         from blossom import report
 
         report.write_metrics(paths.root, "distill", {"enabled": False})
@@ -312,6 +312,8 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
     launch = launch_env()
     cfg = with_launcher(cfg, launch)
     teacher = Path(args.teacher) if args.teacher else paths.champion
+    if launch.rank == 0:  # a skipped run's placeholder, beside the checkpoints this run writes
+        (paths.distill / "checkpoints" / SKIPPED).unlink(missing_ok=True)
     result = distill(cfg, paths.cache, teacher, paths.distill, resume=args.resume, launch=launch)
     if launch.rank != 0:
         return result
