@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from blossom.config import SampleConfig
@@ -34,9 +35,9 @@ class TextToImage(PythonModel):
 
         self.backend = TorchBackend(context.artifacts[ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # The DataFrame hint tells MLflow the logged signature (a `prompt` column) is the schema, and
+    # spares every load its warning that predict has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from blossom.sampling import check_request, sample
 
         prompts = [str(p) for p in (model_input["prompt"] if hasattr(model_input, "columns") else model_input)]
