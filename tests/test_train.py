@@ -7,7 +7,8 @@ from conftest import killed_after
 from safetensors.torch import load_file
 
 from blossom.data.cache import load_cache
-from blossom.train.diffusion import draw_timesteps, train_diffusion
+from blossom.errors import BlossomError
+from blossom.train.diffusion import check_diverged, draw_timesteps, train_diffusion
 
 
 def test_cache_round_trip(micro_prepared):
@@ -229,3 +230,49 @@ def test_mixed_precision_auto_trains_in_bf16_only_where_the_device_computes_it(
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     c = dataclasses.replace(TrainConfig(), mixed_precision=setting)
     assert concrete_precision(c, torch.device(device)).mixed_precision == expect
+
+
+@pytest.mark.parametrize(
+    "loss, vals, words",
+    [
+        (0.05, [(250, 0.12), (500, 0.08), (750, 0.09)], None),  # noise around the best: trains on
+        (0.05, [(250, 0.9)], None),  # an early model, still better than predicting no noise
+        (float("nan"), [], "the training loss is nan"),
+        (float("inf"), None, "the training loss is inf"),
+        (None, [(250, 0.08), (500, float("nan"))], "the validation loss is nan"),
+        (None, [(500, 0.1008), (750, 0.0893), (1000, 0.5352)], "6.0x its best (0.0893 at step 750)"),  # small, lr 4e-3
+        (None, [(2, 596.0)], "596.0x a model that predicts no noise"),  # diverged before its first validation
+    ],
+)
+def test_a_diverged_run_is_named_with_its_step_and_the_fix(loss, vals, words):
+    if words is None:
+        check_diverged(500, 4e-3, loss=loss, val_history=vals)
+        return
+    with pytest.raises(BlossomError, match="lower train.lr") as e:
+        check_diverged(500, 4e-3, loss=loss, val_history=vals)
+    assert words in str(e.value) and "training diverged at step 500" in str(e.value)
+
+
+def test_training_that_diverges_stops_in_one_line_and_keeps_the_previous_model(
+    micro_prepared, tmp_path, monkeypatch, capsys
+):
+    from conftest import micro_args
+
+    from blossom import cli
+
+    _, paths = micro_prepared
+    out = tmp_path / "outputs"
+    out.mkdir()
+    for name in ("data", "vae", "cache"):
+        (out / name).symlink_to(getattr(paths, name))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cli.main([*micro_args(out), "train"]) == 0
+    files = lambda: {p: p.read_bytes() for p in (out / "train" / "model").rglob("*") if p.is_file()}  # noqa: E731
+    model = files()
+    assert any(p.suffix == ".safetensors" for p in model)
+    capsys.readouterr()
+    # lr 1: the first validation scores hundreds of times worse than a model that predicts no noise
+    assert cli.main([*micro_args(out), "--set", "train.lr=1", "train"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("blossom: error:")]
+    assert len(errors) == 1 and "training diverged at step 2" in errors[0] and "lower train.lr (now 1)" in errors[0]
+    assert files() == model
