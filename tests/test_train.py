@@ -276,3 +276,16 @@ def test_training_that_diverges_stops_in_one_line_and_keeps_the_previous_model(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("blossom: error:")]
     assert len(errors) == 1 and "training diverged at step 2" in errors[0] and "lower train.lr (now 1)" in errors[0]
     assert files() == model
+
+
+def test_validation_builds_no_autograd_graph(micro_prepared):
+    from blossom.models import build_unet, noise_scheduler
+    from blossom.train.diffusion import open_splits, validation_loss
+
+    cfg, paths = micro_prepared
+    _, val = open_splits(cfg, paths.cache)
+    unet = build_unet(cfg, cross_attention_dim=384, latent_shape=val.latent_shape)
+    seen = []
+    unet.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    assert 0 < validation_loss(unet, noise_scheduler(cfg), val) < 2.0  # an untrained model
+    assert seen and not any(seen)

@@ -77,7 +77,6 @@ def as_epsilon(sched, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> 
     return a.sqrt() * pred + (1 - a).sqrt() * xt
 
 
-@torch.no_grad()
 def check_diverged(step: int, lr: float, loss: float | None = None, val_history: list | None = None) -> None:
     """A one-line error for a run that diverged: a training or validation loss that is not finite,
     or a validation loss DIVERGED times its best before it, or times that of a model that predicts
@@ -102,6 +101,7 @@ def check_diverged(step: int, lr: float, loss: float | None = None, val_history:
         )
 
 
+@torch.no_grad()
 def validation_loss(unet, sched, val: CacheSplit, rt: Runtime | None = None, batch: int = 128) -> float:
     """Noise-prediction MSE on the val split with fixed noise and evenly spread timesteps.
 
