@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import killed_after
+from conftest import killed_after, linked_outputs
 from safetensors.torch import load_file
 
 from blossom.backends import TorchBackend, fast_folder, physical_cores
@@ -262,10 +262,7 @@ def test_distill_stage_registers_fast_and_every_path_serves_it(micro_exported, m
     teacher, _, _ = micro_exported
     _, paths = micro_prepared
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "outputs"
-    out.mkdir()
-    for name in ("data", "cache", "vae"):
-        (out / name).symlink_to(getattr(paths, name))
+    out = linked_outputs(paths, tmp_path / "outputs")
     shutil.copytree(teacher.parent, out / "train", ignore=shutil.ignore_patterns("checkpoints"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # mlflow.set_tracking_uri also sets this variable; monkeypatch removes it again after the test,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PARAMS, micro_args
+from conftest import PARAMS, linked_outputs, micro_args
 
 from blossom import cli
 
@@ -24,10 +24,7 @@ def test_the_notebook_runs_on_two_trained_runs_and_their_champion(micro_prepared
     from nbclient import NotebookClient
 
     _, paths = micro_prepared
-    out = tmp_path / "outputs"
-    out.mkdir()
-    for name in ("data", "vae", "cache"):  # the session's micro data, VAE and cache, only read
-        (out / name).symlink_to(getattr(paths, name))
+    out = linked_outputs(paths, tmp_path / "outputs")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     base = [*micro_args(out), "--set", "tracking.live=true"]

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import killed_after
+from conftest import killed_after, linked_outputs
 from safetensors.torch import load_file
 
 from blossom.data.cache import load_cache
@@ -261,10 +261,7 @@ def test_training_that_diverges_stops_in_one_line_and_keeps_the_previous_model(
     from blossom import cli
 
     _, paths = micro_prepared
-    out = tmp_path / "outputs"
-    out.mkdir()
-    for name in ("data", "vae", "cache"):
-        (out / name).symlink_to(getattr(paths, name))
+    out = linked_outputs(paths, tmp_path / "outputs")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert cli.main([*micro_args(out), "train"]) == 0
     files = lambda: {p: p.read_bytes() for p in (out / "train" / "model").rglob("*") if p.is_file()}  # noqa: E731
