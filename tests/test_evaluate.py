@@ -10,6 +10,7 @@ from blossom.classifier import (
     _procedural,
     accuracy,
     load_classifier,
+    predict,
     provide_classifier,
     render,
     shipped_info,
@@ -19,7 +20,8 @@ from blossom.config import load_config
 from blossom.data import synthetic
 from blossom.errors import BlossomError
 from blossom.evalset import eval_items, nuisance
-from blossom.evaluate import adherence, format_table, frechet_distance
+from blossom.evaluate import adherence, format_table, frechet_distance, held_out_colours, held_out_line
+from blossom.images import to_tensor
 from blossom.stats import adherence_table, flatten
 
 
@@ -109,6 +111,30 @@ def test_adherence_is_high_for_faithful_images_and_low_for_wrong_ones(classifier
         for it in items
     ]
     assert adherence(model, images, wrong)["all"]["all"]["petal_color"]["acc"] <= 0.1
+
+
+def test_each_held_out_pair_reports_its_colour_and_what_was_drawn_instead(classifier):
+    # The held-out colour accuracy pools five pairs; the breakdown says which pair fails and what the
+    # judge read there. Faithful images read right; red drawn where white on sky was asked reads red.
+    model, _, _ = classifier
+    items = eval_items(images_per_pair=4)
+    flowers = nuisance(items)
+    white_sky = [
+        i
+        for i, it in enumerate(items)
+        if (it.flower.petal_color, it.flower.background) == ("white", "sky") and it.phrasing == "template"
+    ]
+    drawn = [dataclasses.replace(f, petal_color="red") if i in white_sky[:2] else f for i, f in enumerate(flowers)]
+    pairs = held_out_colours(predict(model, to_tensor(render(drawn, 32, seed=1))), items)
+    assert set(pairs) == {f"{c}_{b}" for c, b in synthetic.HELD_OUT}
+    assert all(p["n"] == 4 for p in pairs.values()) and len(white_sky) == 4
+    assert pairs["white_sky"]["petal_color"]["acc"] == 0.5 and pairs["white_sky"]["read_instead"] == "red 2"
+    assert all(p["petal_color"]["acc"] >= 0.75 for k, p in pairs.items() if k != "white_sky")
+    line = held_out_line(pairs)
+    assert "white on sky" in line and "red on night" in line and "\n" not in line
+    assert not any(
+        k.startswith("held_out_colours") and "read_instead" in k for k in flatten({"held_out_colours": pairs})
+    )
 
 
 def test_frechet_distance_sees_collapse_that_accuracy_misses(classifier):

@@ -54,7 +54,10 @@ def score(pred: dict[str, torch.Tensor], flowers: list[synthetic.Flower], mask: 
 
 def adherence(classifier, images: np.ndarray, items: list[EvalItem]) -> dict:
     """{phrasing | 'all': {split: {'n', attribute: {acc, lo, hi}}}} for the generated images."""
-    pred = predict(classifier, to_tensor(images))
+    return adherence_of(predict(classifier, to_tensor(images)), items)
+
+
+def adherence_of(pred: dict[str, torch.Tensor], items: list[EvalItem]) -> dict:
     flowers = [it.flower for it in items]
     held = torch.tensor([it.held_out for it in items])
     result = {}
@@ -67,6 +70,32 @@ def adherence(classifier, images: np.ndarray, items: list[EvalItem]) -> dict:
             for split, m in zip(SPLITS, (~held, held, torch.ones_like(held)), strict=True)
         }
     return result
+
+
+def held_out_colours(pred: dict[str, torch.Tensor], items: list[EvalItem]) -> dict:
+    """Petal colour on each held-out pair in the template phrasing, and the colours the judge read:
+    which composition the model misses, and what it draws instead (the background's colour, a
+    neighbouring hue), is what steers a fix; one accuracy over all five pairs cannot say."""
+    colours = HEADS["petal_color"]
+    out = {}
+    for colour, background in synthetic.HELD_OUT:
+        idx = [
+            i
+            for i, it in enumerate(items)
+            if it.phrasing == "template" and (it.flower.petal_color, it.flower.background) == (colour, background)
+        ]
+        if not idx:
+            continue
+        read = [colours[int(pred["petal_color"][i])] for i in idx]
+        hits = read.count(colour)
+        lo, hi = wilson(hits, len(idx))
+        wrong = sorted({c for c in read if c != colour}, key=lambda c: (-read.count(c), c))
+        out[f"{colour}_{background}"] = {
+            "n": len(idx),
+            "petal_color": {"acc": round(hits / len(idx), 4), "lo": round(lo, 4), "hi": round(hi, 4)},
+            "read_instead": ", ".join(f"{c} {read.count(c)}" for c in wrong),  # a string: not a metric
+        }
+    return out
 
 
 def ceiling(classifier, images: np.ndarray, flowers: list[synthetic.Flower]) -> dict:
@@ -131,8 +160,10 @@ def procedural(cfg: Config, backend, classifier_dir: Path) -> tuple[dict, dict]:
     ceilings = {"random_flowers": info["ceiling"], "eval_prompts": ceiling(classifier, real, real_flowers)}
     if getattr(backend, "vae", None) is not None:
         ceilings["through_vae"] = ceiling(classifier, through_vae(backend.vae, real), real_flowers)
+    pred = predict(classifier, to_tensor(images))
     metrics = {
-        "adherence": adherence(classifier, images, items),
+        "adherence": adherence_of(pred, items),
+        "held_out_colours": held_out_colours(pred, items),
         "ceiling": ceilings,
         "fd_classifier": frechet_distance(classifier, images, real),
         "prompt_effect": effect,
@@ -201,7 +232,19 @@ def format_table(metrics: dict) -> str:
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
         for r in rows
     ]
-    return "\n".join([*lines, f"({adherence_note(metrics)}; val loss {metrics['val_loss']})"])
+    lines.append(f"({adherence_note(metrics)}; val loss {metrics['val_loss']})")
+    if metrics.get("held_out_colours"):
+        lines.append(held_out_line(metrics["held_out_colours"]))
+    return "\n".join(lines)
+
+
+def held_out_line(pairs: dict) -> str:
+    cells = [
+        f"{name.replace('_', ' on ')} {p['petal_color']['acc']:.2f}"
+        + (f" ({p['read_instead']})" if p["read_instead"] else "")
+        for name, p in pairs.items()
+    ]
+    return "petal colour on each held-out pair (template phrasing; what else was read): " + "; ".join(cells)
 
 
 def evaluate_fast(cfg: Config, backend, classifier_dir: Path, out_dir: Path, steps: list[int]) -> dict:
