@@ -88,10 +88,6 @@ def micro_cfg(micro_overrides):
     return load_config(PARAMS, None, micro_overrides)
 
 
-# Fixtures that build files are session-scoped, also those a test module defines for itself:
-# work stealing interleaves modules on a worker, and pytest tears a module-scoped fixture down
-# whenever its worker moves to another module, rebuilding it when the module comes back (the
-# evaluation tests' classifier was trained three times in one run).
 def linked_outputs(paths, out: Path) -> Path:
     """An outputs folder at `out` whose data, VAE and cache are the prepared micro project's,
     linked (only read): for tests that run later stages in a folder of their own."""
@@ -101,6 +97,10 @@ def linked_outputs(paths, out: Path) -> Path:
     return out
 
 
+# Fixtures that build files are session-scoped, also those a test module defines for itself:
+# work stealing interleaves modules on a worker, and pytest tears a module-scoped fixture down
+# whenever its worker moves to another module, rebuilding it when the module comes back (the
+# evaluation tests' classifier was trained three times in one run).
 @pytest.fixture(scope="session")
 def micro_prepared(tmp_path_factory):
     """Data, VAE and cache for the micro config, built once per test session."""
