@@ -1,8 +1,9 @@
 """The training step in fp32, under bf16 autocast (`train.mixed_precision: bf16`) and in
 channels-last memory, side by side in one process on the preset's UNet.
 
-The step is the one `blossom train` takes (forward, v-target MSE, backward, AdamW) on random
-latents and text states of the cache's shapes; only the precision or memory format differs.
+The step is the one `blossom train` takes (forward, v-target MSE, backward, fused AdamW) on random
+latents and text states of the cache's shapes; only the precision, memory format or optimizer
+kernel differs (`foreach AdamW` is PyTorch's default, what blossom used before the fused one).
 Prints the median ms per step of each and its speed relative to fp32. `--profile` then splits
 the fp32 step into convolutions, matrix products and the rest: the FLOPs each does (PyTorch's
 FLOP counter) against the time it takes (PyTorch's profiler), so a step can be read against the
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from timing import median_seconds, unet_shapes
 
 from blossom.models import build_unet, fit_attention
+from blossom.train.optim import adamw
 
 
 def main() -> None:
@@ -36,13 +38,13 @@ def main() -> None:
     text = torch.randn(args.batch, cfg.text.max_tokens, text_dim, generator=gen)
     t = torch.randint(0, cfg.train.num_train_timesteps, (args.batch,), generator=gen)
 
-    def variant(bf16: bool, channels_last: bool):
+    def variant(bf16: bool, channels_last: bool, fused: bool = True):
         torch.manual_seed(0)
         unet = fit_attention(build_unet(cfg, text_dim, latent), "cpu")  # the attention `blossom train` uses here
         xs = x
         if channels_last:
             unet, xs = unet.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        opt = adamw(unet.parameters(), 1e-4, 0.01) if fused else torch.optim.AdamW(unet.parameters(), lr=1e-4)
 
         def step(_seed: int) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -58,6 +60,7 @@ def main() -> None:
         "bf16 autocast": variant(True, False),
         "fp32 channels-last": variant(False, True),
         "bf16 autocast channels-last": variant(True, True),
+        "fp32 foreach AdamW": variant(False, False, fused=False),
     }
     times = median_seconds(fns, rounds=args.rounds, per_round=3)
     base = times["fp32"]

@@ -30,6 +30,7 @@ from blossom.models import build_unet, check_cross_attention, fit_attention, n_p
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
 from blossom.train.distributed import Runtime
+from blossom.train.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def train_diffusion(
     ema = EMAModel(unet.parameters(), decay=c.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=c.ema_power)
     # None when not averaging: the last weights are the model (the checkpoint still keeps the slot).
     served_ema = ema if c.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    optimizer = adamw(unet.parameters(), c.lr, c.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
     engine = distributed.Engine(unet, optimizer, rt, c)
     sched = noise_scheduler(cfg)

@@ -34,6 +34,7 @@ from blossom.models import fit_attention, load_tiny_decoder, load_vae, n_params
 from blossom.sampling import FAST_SAMPLER, FAST_SCHEDULERS, guidance_embedding
 from blossom.train import checkpoint as ckpt
 from blossom.train import distributed
+from blossom.train.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def distill(
     # The target network's weights live in an EMA at a fixed decay (min_decay = decay: no warm-up),
     # so they checkpoint and resume exactly as training's EMA does.
     ema = EMAModel(student.parameters(), decay=d.target_ema, min_decay=d.target_ema, use_ema_warmup=False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=d.lr, weight_decay=0.0)
+    optimizer = adamw(student.parameters(), d.lr, 0.0)
     lr_scheduler = get_constant_schedule_with_warmup(optimizer, min(100, d.steps // 10))
     engine = distributed.Engine(student, optimizer, rt, c)
     alphas = sched.alphas_cumprod.to(rt.device)
