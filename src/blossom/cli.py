@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--seed", type=int, help="the first image's seed; each further image takes the next (default: sample.seed)"
     )
-    s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm")
+    s.add_argument("--sampler", help="ddim, dpm++2m, unipc, euler or ddpm; tcd or lcm with --fast")
     s.add_argument(
         "--backend",
         choices=["torch", "onnx"],

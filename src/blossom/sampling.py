@@ -29,7 +29,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from blossom.config import SampleConfig
+from blossom.config import DistillConfig, SampleConfig
 from blossom.errors import BlossomError
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ def check_request(sampler: str, steps: int, guidance: float, seed: int, n: int =
             f"({' or '.join(FAST_SAMPLERS)} for a distilled model)"
         )
     if not 0 < steps <= MAX_STEPS:
+        usual = DistillConfig.default_steps if sampler in FAST_SAMPLERS else SampleConfig.steps
         raise BlossomError(
-            f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: try --steps 15"
+            f"steps must be a positive number up to {MAX_STEPS} (the schedule's length), got {steps}: "
+            f"try --steps {usual}"
         )
     if not (isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE):  # NaN fails every comparison
         raise BlossomError(
