@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from blossom.data.cache import load_cache
 from blossom.errors import BlossomError
 from blossom.train.diffusion import check_diverged, draw_timesteps, train_diffusion
+from blossom.train.optim import adamw
 
 
 def test_cache_round_trip(micro_prepared):
@@ -286,3 +287,25 @@ def test_validation_builds_no_autograd_graph(micro_prepared):
     unet.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
     assert 0 < validation_loss(unet, noise_scheduler(cfg), val) < 2.0  # an untrained model
     assert seen and not any(seen)
+
+
+def test_the_fused_adamw_makes_the_default_update_to_rounding():
+    """The fused kernel is a speed change, not a recipe change (docs/quality.md#fused-adamw): from the
+    same weights and gradients it lands where PyTorch's default AdamW does, to a few fp32 roundings."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.GroupNorm(4, 16), torch.nn.Linear(14, 8))
+    b = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.GroupNorm(4, 16), torch.nn.Linear(14, 8))
+    b.load_state_dict(a.state_dict())
+    fused, default = adamw(b.parameters(), 4e-3, 0.01), torch.optim.AdamW(a.parameters(), lr=4e-3, weight_decay=0.01)
+    assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    before = [p.detach().clone() for p in a.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        default.step()
+        fused.step()
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), before, strict=True):
+        assert (pa - p0).abs().max() > 1e-2  # ten steps of 4e-3 moved every tensor
+        assert (pa - pb).abs().max() <= 1e-6 * max(pa.abs().max().item(), 1.0)
