@@ -44,7 +44,10 @@ def main() -> None:
         xs = x
         if channels_last:
             unet, xs = unet.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-        opt = adamw(unet.parameters(), 1e-4, 0.01) if fused else torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        if fused:
+            opt = adamw(unet.parameters(), 1e-4, 0.01)
+        else:
+            opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
 
         def step(_seed: int) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 
@@ -294,8 +295,7 @@ def test_the_fused_adamw_makes_the_default_update_to_rounding():
     same weights and gradients it lands where PyTorch's default AdamW does, to a few fp32 roundings."""
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.GroupNorm(4, 16), torch.nn.Linear(14, 8))
-    b = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.GroupNorm(4, 16), torch.nn.Linear(14, 8))
-    b.load_state_dict(a.state_dict())
+    b = copy.deepcopy(a)
     fused, default = adamw(b.parameters(), 4e-3, 0.01), torch.optim.AdamW(a.parameters(), lr=4e-3, weight_decay=0.01)
     assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
     before = [p.detach().clone() for p in a.parameters()]

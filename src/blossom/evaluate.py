@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +87,14 @@ def held_out_colours(pred: dict[str, torch.Tensor], items: list[EvalItem]) -> di
         ]
         if not idx:
             continue
-        read = [colours[int(pred["petal_color"][i])] for i in idx]
-        hits = read.count(colour)
+        read = Counter(colours[int(pred["petal_color"][i])] for i in idx)
+        hits = read.pop(colour, 0)
         lo, hi = wilson(hits, len(idx))
-        wrong = sorted({c for c in read if c != colour}, key=lambda c: (-read.count(c), c))
+        wrong = sorted(read.items(), key=lambda cn: (-cn[1], cn[0]))
         out[f"{colour}_{background}"] = {
             "n": len(idx),
             "petal_color": {"acc": round(hits / len(idx), 4), "lo": round(lo, 4), "hi": round(hi, 4)},
-            "read_instead": ", ".join(f"{c} {read.count(c)}" for c in wrong),  # a string: not a metric
+            "read_instead": ", ".join(f"{c} {n}" for c, n in wrong),  # a string: not a metric
         }
     return out
 
