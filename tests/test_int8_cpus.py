@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
+from blossom import cpu
 from blossom.backends import load_backend
 from blossom.cpu import auto_precision, has_vnni, vector_features
 from blossom.errors import ModelError
@@ -134,3 +135,12 @@ def test_auto_precision_picks_int8_only_with_vnni_and_int8_graphs(micro_exported
     bare = tmp_path / "no-int8"
     shutil.copytree(out, bare, ignore=shutil.ignore_patterns("*.int8.onnx*"))
     assert load_backend("onnx", bare, "auto").precision == "fp32"
+
+
+def test_the_machine_line_names_the_cpu_family(monkeypatch):
+    # two hosts of one kind report the same model name; their family tells the generations apart
+    info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "sse2 avx2 fma avx512f"}
+    monkeypatch.setattr("blossom.cpu._cpuinfo", lambda key: info.get(key, ""))
+    assert cpu.describe() == "AMD EPYC (family 26 model 2) [avx2 fma avx512f]"
+    info.pop("cpu family")
+    assert cpu.describe() == "AMD EPYC [avx2 fma avx512f]"

@@ -42,8 +42,11 @@ def has_vnni(flags: frozenset[str] | None = None) -> bool:
 
 
 def describe() -> str:
-    """One line: the CPU model and its vector features."""
+    """One line: the CPU model, its family (hosts that report the same model name can differ by a
+    generation: AMD family 25 is Zen 3/4, 26 is Zen 5) and its vector features."""
     name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    if _cpuinfo("cpu family"):
+        name += f" (family {_cpuinfo('cpu family')} model {_cpuinfo('model')})"
     return f"{name} [{' '.join(vector_features()) or 'no x86 vector features reported'}]"
 
 
