@@ -35,6 +35,7 @@ class DataConfig:
     max_pixels: int = 64_000_000  # larger images are skipped without decoding (decompression-bomb guard)
     workers: int = 0  # processes that draw or decode images; 0: one per core
     random_flip: bool = True  # train on mirrored images half the time (their latents are cached too)
+    background_dropout: float = 0.1  # procedural captions: the share that leave the background out (docs/quality.md)
 
 
 @dataclass
@@ -481,6 +482,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.workers must be 0 (one per core) or a number of processes, got {cfg.data.workers}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no averaging), got {cfg.train.ema_decay}")
+    if not 0 <= cfg.data.background_dropout < 1:
+        raise ConfigError(f"data.background_dropout must be in [0, 1), got {cfg.data.background_dropout}")
     if not 0 <= cfg.train.cfg_dropout < 1:
         raise ConfigError(f"train.cfg_dropout must be in [0, 1), got {cfg.train.cfg_dropout}")
     if len(cfg.unet.down_block_types) != len(cfg.unet.block_out_channels) or len(cfg.unet.up_block_types) != len(

@@ -37,20 +37,20 @@ class Record:
     meta: dict
 
 
-def _draw_many(args: tuple[int, range, int]) -> list[tuple[bytes, str, dict]]:
-    seed, indices, size = args
+def _draw_many(args: tuple[int, range, int, float]) -> list[tuple[bytes, str, dict]]:
+    seed, indices, size, background_dropout = args
     out = []
     for index in indices:
-        img, flower, text = synthetic.generate(seed, index, size)
+        img, flower, text = synthetic.generate(seed, index, size, background_dropout=background_dropout)
         out.append((png_bytes(np.asarray(img), compress_level=1), text, synthetic.attributes(flower)))
     return out
 
 
-def draw_all(seed: int, indices: range, size: int, workers: int):
+def draw_all(seed: int, indices: range, size: int, workers: int, background_dropout: float = 0.0):
     """Yield (PNG bytes, caption, attributes) for each index in order, drawn on `workers` processes
     (each flower depends on its seed and index alone, so the bytes do not depend on the count)."""
     chunk = 256
-    chunks = ((seed, indices[i : i + chunk], size) for i in range(0, len(indices), chunk))
+    chunks = ((seed, indices[i : i + chunk], size, background_dropout) for i in range(0, len(indices), chunk))
     for batch in ordered_map(_draw_many, chunks, workers):
         yield from batch
 
@@ -63,7 +63,7 @@ def write_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, int]:
         for split, n, offset in (("train", cfg.train_size, 0), ("val", cfg.val_size, 10_000_000)):
             d = tmp / split
             d.mkdir()
-            drawn = draw_all(cfg.seed, range(offset, offset + n), cfg.image_size, workers)
+            drawn = draw_all(cfg.seed, range(offset, offset + n), cfg.image_size, workers, cfg.background_dropout)
             with open(d / "metadata.jsonl", "w", encoding="utf-8") as meta:
                 for i, (png, text, attrs) in enumerate(
                     tqdm(drawn, total=n, desc=f"data {split}", unit="img", mininterval=1)

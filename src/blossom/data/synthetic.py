@@ -8,6 +8,7 @@ known, a classifier trained on these images can score whether generated images o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -122,19 +123,23 @@ def sample_flower(rng: np.random.Generator, held_out: str = "exclude") -> Flower
     )
 
 
-def caption(f: Flower, rng: np.random.Generator) -> str:
+def caption(f: Flower, rng: np.random.Generator, background_dropout: float = 0.0) -> str:
+    """background_dropout: the share of captions that leave the background out. Drawn after every
+    other choice, so the captions it keeps are the ones it would write without it."""
     template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     bg = str(rng.choice(BACKGROUND_PHRASES[f.background]))
     count = NUMBER_WORDS[f.petal_count] if rng.random() < 0.8 else str(f.petal_count)
-    return template.format(
+    words = dict(
         size=f"{f.size} " if rng.random() < 0.3 else "",
         color=str(rng.choice(COLOR_WORDS[f.petal_color])),
         count=count,
         shape=str(rng.choice(SHAPE_WORDS[f.petal_shape])),
         center=f.center_color,
-        bg=bg,
-        bg_cap=bg[0].upper() + bg[1:],
     )
+    if background_dropout and rng.random() < background_dropout:
+        # the phrase goes with the separator that joined it: "..., at night", "At night, ...", "... at night"
+        return re.sub(r",? \0|\0, ", "", template.format(**words, bg="\0", bg_cap="\0"))
+    return template.format(**words, bg=bg, bg_cap=bg[0].upper() + bg[1:])
 
 
 def eval_caption(f: Flower) -> str:
@@ -220,10 +225,12 @@ def render(f: Flower, size: int, rng: np.random.Generator) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def generate(seed: int, index: int, size: int, held_out: str = "exclude") -> tuple[Image.Image, Flower, str]:
+def generate(
+    seed: int, index: int, size: int, held_out: str = "exclude", background_dropout: float = 0.0
+) -> tuple[Image.Image, Flower, str]:
     rng = np.random.default_rng([seed, index])
     flower = sample_flower(rng, held_out)
-    return render(flower, size, rng), flower, caption(flower, rng)
+    return render(flower, size, rng), flower, caption(flower, rng, background_dropout)
 
 
 def attributes(f: Flower) -> dict:
