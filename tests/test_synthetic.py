@@ -24,7 +24,7 @@ def test_every_caption_states_every_scored_attribute():
 
 
 def test_background_dropout_leaves_only_the_background_out_of_its_share_of_captions():
-    # docs/quality.md: a tenth of captions without their background lifted held-out colour on two seeds
+    # docs/quality.md: a tenth of captions without their background lifted held-out colour on three seeds
     changed = 0
     for i in range(600):
         img, f, full = synthetic.generate(0, i, 16)
