@@ -267,6 +267,7 @@ CASES = [
     ("unknown prediction type", S("--set", "train.prediction_type=x0", "train"), 2, "train.prediction_type must be"),
     ("cfg dropout 1.5", S("--set", "train.cfg_dropout=1.5", "train"), 2, "train.cfg_dropout must be in [0, 1)"),
     ("background dropout 1", S("--set", "data.background_dropout=1", "data"), 2, "data.background_dropout must be in"),
+    ("colour shuffle above 1", S("--set", "vae.color_shuffle=1.5", "train-vae"), 2, "vae.color_shuffle must be in"),
     ("ema decay 1", S("--set", "train.ema_decay=1", "train"), 2, "train.ema_decay must be in [0, 1)"),
     ("fp8", S("--set", "train.mixed_precision=fp8", "train"), 2, "train.mixed_precision must be"),
     ("int8 cache", S("--set", "cache.precision=int8", "cache"), 2, "cache.precision must be one of 'auto'"),

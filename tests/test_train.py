@@ -309,3 +309,24 @@ def test_the_fused_adamw_makes_the_default_update_to_rounding():
     for pa, pb, p0 in zip(a.parameters(), b.parameters(), before, strict=True):
         assert (pa - p0).abs().max() > 1e-2  # ten steps of 4e-3 moved every tensor
         assert (pa - pb).abs().max() <= 1e-6 * max(pa.abs().max().item(), 1.0)
+
+
+def test_colour_shuffle_reorders_the_channels_of_the_asked_share_of_images():
+    """vae.color_shuffle (docs/recipe.md): each picked image keeps its pixels' values, in another
+    channel order; the rest pass unchanged; the same generator state gives the same batch."""
+    from blossom.train.autoencoder import shuffle_channels
+
+    x = torch.rand(400, 3, 4, 4)
+    assert torch.equal(shuffle_channels(x, 0.0, torch.Generator().manual_seed(0)), x)
+    y = shuffle_channels(x, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(y, shuffle_channels(x, 0.5, torch.Generator().manual_seed(0)))
+    assert torch.equal(y.sort(1).values, x.sort(1).values)  # a permutation of each pixel's channels
+    moved = (y != x).flatten(1).any(1).float().mean().item()
+    assert 0.5 * 5 / 6 - 0.08 < moved < 0.5 * 5 / 6 + 0.08  # one order in six is the identity
+    z = shuffle_channels(x, 1.0, torch.Generator().manual_seed(0))
+    orders = set()
+    for xi, zi in zip(x, z, strict=True):
+        order = [int((xi[:, 0, 0] == v).nonzero()) for v in zi[:, 0, 0]]
+        assert torch.equal(zi, xi[order])  # one order for every pixel of an image
+        orders.add(tuple(order))
+    assert len(orders) == 6

@@ -63,6 +63,10 @@ class VAEConfig:
     crop: int = 32  # train on random crops: the VAE is convolutional, crops cost a quarter
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    # The share of training crops whose RGB channels are shuffled: the VAE then meets colour next to
+    # colour as it never does in the data (a held-out pair's petals on their background), so its
+    # latents code any colour (docs/recipe.md)
+    color_shuffle: float = 0.0
 
     @property
     def downsampling(self) -> int:
@@ -482,6 +486,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.workers must be 0 (one per core) or a number of processes, got {cfg.data.workers}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no averaging), got {cfg.train.ema_decay}")
+    if not 0 <= cfg.vae.color_shuffle <= 1:
+        raise ConfigError(f"vae.color_shuffle must be in [0, 1], got {cfg.vae.color_shuffle}")
     if not 0 <= cfg.data.background_dropout < 1:
         raise ConfigError(f"data.background_dropout must be in [0, 1), got {cfg.data.background_dropout}")
     if not 0 <= cfg.train.cfg_dropout < 1:

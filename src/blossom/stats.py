@@ -61,7 +61,8 @@ def adherence_table(metrics: dict) -> list[list[str]]:
     a, c = metrics["adherence"], metrics.get("ceiling", {})
     cols = [("seen pairs", a["template"]["seen"]), ("held-out pairs", a["template"]["held_out"])]
     cols += [(f"{p} phrasing", a[p]["all"]) for p in ("reordered", "synonyms") if p in a]
-    cols += [(f"ceiling {name.replace('_', ' ')}", c[name]) for name in ("eval_prompts", "through_vae") if name in c]
+    names = ("eval_prompts", "through_vae", "through_vae_held_out")
+    cols += [(f"ceiling {name.replace('_', ' ')}", c[name]) for name in names if name in c]
     rows = [["attribute", *(name for name, _ in cols)]]
     for key, label in ATTRIBUTES:
         rows.append([label, *(fmt(col[key]["acc"], col[key]["lo"], col[key]["hi"]) for _, col in cols)])

@@ -28,6 +28,15 @@ def reconstruct(vae, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
+def shuffle_channels(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image of the batch, with probability `share`, with its RGB channels in a random order
+    (possibly the same one)."""
+    order = torch.stack([torch.randperm(3, generator=gen) for _ in range(len(x))])
+    keep = torch.rand(len(x), generator=gen) >= share
+    order[keep] = torch.arange(3)
+    return x.gather(1, order[:, :, None, None].expand_as(x))
+
+
 def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     c = cfg.vae
     torch.manual_seed(cfg.train.seed)
@@ -50,6 +59,8 @@ def train_vae(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         if c.crop < cfg.data.image_size:
             y0, x0 = torch.randint(cfg.data.image_size - c.crop + 1, (2,), generator=gen).tolist()
             x = x[:, :, y0 : y0 + c.crop, x0 : x0 + c.crop]
+        if c.color_shuffle > 0:
+            x = shuffle_channels(x, c.color_shuffle, gen)
         x = x.to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
