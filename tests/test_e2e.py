@@ -24,6 +24,11 @@ def test_run_then_generate(tmp_path):
     template = metrics["adherence"]["template"]  # one draw per pair: the template phrasing, held-out pairs twice
     assert template["seen"]["n"] == 35 and template["held_out"]["n"] == 5 and metrics["images"] == 45
     assert 0 <= template["all"]["petal_color"]["acc"] <= 1 and metrics["val_loss"] > 0
+    held_ceiling = metrics["ceiling"]["through_vae_held_out"]  # what the VAE lets the held-out pairs score
+    assert held_ceiling["n"] == metrics["adherence"]["all"]["held_out"]["n"] == 10  # every phrasing's renders
+    assert 0 <= held_ceiling["petal_color"]["acc"] <= 1
+    assert all(0 <= p["through_vae"]["acc"] <= 1 for p in metrics["held_out_colours"].values())
+    assert "ceiling through vae held out" in res.stdout and "[real ones through the VAE" in res.stdout
     grid = Image.open(out / "eval" / "samples.png")
     assert grid.size == (5 * 32, 8 * 32)  # backgrounds across, petal colours down
     run = json.loads((out / "run.json").read_text())

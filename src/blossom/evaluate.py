@@ -83,9 +83,9 @@ def held_out_colours(
     """Petal colour on each held-out pair in the template phrasing, and the colours the judge read:
     which composition the model misses, and what it draws instead (the background's colour, a
     neighbouring hue), is what steers a fix; one accuracy over all five pairs cannot say.
-    `through_vae`: the judge's reading of real flowers of the same asks after the VAE, the pair's
-    ceiling: a VAE that never saw a pair can shift its colour (docs/recipe.md), and no diffusion
-    model on that VAE scores above it."""
+    `through_vae`: the judge's reading of real flowers of the same asks after the VAE: a VAE that
+    never saw a pair can shift its colour (docs/recipe.md), and a model drawing the real flowers'
+    latents would score no more."""
     colours = HEADS["petal_color"]
     out = {}
     for colour, background in synthetic.HELD_OUT:
