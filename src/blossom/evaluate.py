@@ -78,12 +78,12 @@ def adherence_of(pred: dict[str, torch.Tensor], items: list[EvalItem]) -> dict:
 
 
 def held_out_colours(
-    pred: dict[str, torch.Tensor], items: list[EvalItem], through_vae: dict[str, torch.Tensor] | None = None
+    pred: dict[str, torch.Tensor], items: list[EvalItem], vae_pred: dict[str, torch.Tensor] | None = None
 ) -> dict:
     """Petal colour on each held-out pair in the template phrasing, and the colours the judge read:
     which composition the model misses, and what it draws instead (the background's colour, a
     neighbouring hue), is what steers a fix; one accuracy over all five pairs cannot say.
-    `through_vae`: the judge's reading of real flowers of the same asks after the VAE: a VAE that
+    `vae_pred`: the judge's reading of real flowers of the same asks after the VAE: a VAE that
     never saw a pair can shift its colour (docs/recipe.md), and a model drawing the real flowers'
     latents would score no more."""
     colours = HEADS["petal_color"]
@@ -104,8 +104,8 @@ def held_out_colours(
             "petal_color": interval(hits, len(idx)),
             "read_instead": ", ".join(f"{c} {n}" for c, n in wrong),  # a string: not a metric
         }
-        if through_vae is not None:
-            vae_hits = sum(colours[int(through_vae["petal_color"][i])] == colour for i in idx)
+        if vae_pred is not None:
+            vae_hits = sum(colours[int(vae_pred["petal_color"][i])] == colour for i in idx)
             out[f"{colour}_{background}"]["through_vae"] = interval(vae_hits, len(idx))
     return out
 
