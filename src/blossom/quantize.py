@@ -7,8 +7,8 @@ Convolutions and matrix products go to int8 (unsigned 8-bit activations, signed 
 output channel: the operand types of the VNNI dot-product instruction); attention's
 activation-by-activation products, normalisations, softmax and the KEEP_FP32 modules stay fp32.
 The original system's architecture, compute-bound, gains 2.7x per UNet call and 3.2x in the VAE
-decoder (benchmarks/original_arch.py); the tiny preset, bound by per-operator overhead, 1.3x per
-image (benchmarks/precision.py).
+decoder (benchmarks/original_arch.py); per image the tiny preset, bound by per-operator overhead,
+gains nothing and `small` 1.26x (benchmarks/precision.py, docs/benchmarks.md).
 
 Weights use 7 of their 8 bits (ONNX Runtime's reduce_range: [-64, 64]). CPUs without VNNI (AVX2,
 AVX-512 before VNNI) multiply u8 x s8 with VPMADDUBSW, which adds two products into a saturating
