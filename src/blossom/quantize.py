@@ -36,7 +36,8 @@ WEIGHT_LIMIT = 64
 # Kept in fp32: the first and last convolutions (they touch the latents and the output directly) and
 # the timestep/text-pooling embeddings (matrix-vector products: nothing to gain, range to lose).
 KEEP_FP32 = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+WEIGHT_MATRIX_OPS = ("MatMul", "Gemm")  # quantized only where their second operand is a weight
+QUANTIZED_OPS = ("Conv", *WEIGHT_MATRIX_OPS)
 
 
 class _Recorder:
@@ -89,7 +90,7 @@ def nodes_to_quantize(graph, keep: tuple[str, ...] = ()) -> list[str]:
         scopes = _scopes(node)
         if any(k in scopes for k in (*KEEP_FP32, *keep)):
             continue
-        if node.op_type == "Conv" or (node.op_type in QUANTIZED_OPS[1:] and node.input[1] in weights):
+        if node.op_type == "Conv" or (node.op_type in WEIGHT_MATRIX_OPS and node.input[1] in weights):
             names.append(node.name)
     return names
 
