@@ -79,3 +79,19 @@ def test_tokenizing_from_many_threads_always_pads(micro_cfg):
     with ThreadPoolExecutor(8) as pool:
         widths = set().union(*pool.map(work, range(16)))
     assert widths == {n}
+
+
+def test_only_prompts_that_were_cut_are_warned_about(micro_cfg, caplog):
+    """tokenize re-reads only the prompts that fill every position: one that fits exactly is not
+    warned about, one a token longer is, beside a short one in the same batch."""
+    from blossom.models import count_tokens, load_text_encoder, tokenize
+
+    tokenizer, n = load_text_encoder(micro_cfg.text).tokenizer, micro_cfg.text.max_tokens
+    exact, over = " ".join(["red"] * (n - 2)), " ".join(["red"] * (n - 1))
+    assert (count_tokens(tokenizer, exact), count_tokens(tokenizer, over)) == (n, n + 1)
+    with caplog.at_level("WARNING"):
+        batch = tokenize(tokenizer, ["a red flower", exact], n)
+    assert batch["attention_mask"].sum(1).tolist() == [5, n] and "truncated" not in caplog.text
+    with caplog.at_level("WARNING"):
+        batch = tokenize(tokenizer, ["a red flower", exact, over], n)
+    assert batch["input_ids"].shape == (3, n) and "1 prompt(s) longer than" in caplog.text

@@ -95,9 +95,11 @@ def count_tokens(tokenizer, text: str) -> int:
 def tokenize(tokenizer, prompts: list[str], max_tokens: int) -> dict[str, np.ndarray]:
     """int64 input_ids and attention_mask padded to max_tokens; longer prompts are cut, with a warning."""
     with _TOKENIZE_LOCK:
-        full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
         batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np")
-    too_long = sum(len(ids) > max_tokens for ids in full)
+        # Only a prompt that fills every position can have been cut: tokenize those again, uncut.
+        full = [p for p, mask in zip(prompts, batch["attention_mask"], strict=True) if mask[-1]]
+        lengths = [len(ids) for ids in tokenizer(full, padding=False, truncation=False)["input_ids"]] if full else []
+    too_long = sum(n > max_tokens for n in lengths)
     if too_long:
         log.warning(
             "%d prompt(s) longer than %d tokens were truncated: shorten them or raise text.max_tokens",
