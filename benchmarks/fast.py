@@ -4,7 +4,8 @@ The teacher at its default (UniPC 15 steps, guidance as a batch of two: 30 UNet 
 the student at 1, 2, 4 and 8 steps (one UNet call per step, guidance embedded); both in ONNX
 Runtime fp32, and int8 where the export holds int8 graphs; `auto` is what `--precision auto`
 picks on this CPU. The student's sessions fit their thread count at load, as blossom serves
-them; one more row runs the int8 student on every core, to show what that fitting buys. Needs an
+them; one more row runs the int8 student on every core, to show what that fitting buys. Last, the
+split of the served student's image into its graphs' calls and the rest. Needs an
 export with a student in it (`blossom distill` then `blossom export`):
 
     .venv/bin/python benchmarks/fast.py [--export outputs/export] [--rounds 3]
@@ -13,6 +14,7 @@ export with a student in it (`blossom distill` then `blossom export`):
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--export", default="outputs/export", help="an exported folder with a fast/ student")
     ap.add_argument("--rounds", type=int, default=3, help="blocks of 5 timed images per path, taking turns")
+    ap.add_argument("--split-images", type=int, default=100, help="images timed part by part for the split")
     args = ap.parse_args()
     torch.set_num_threads(physical_cores())
     print(machine_line())
@@ -61,6 +64,45 @@ def main() -> None:
     base = times["teacher fp32 unipc-15"]
     for name, t in times.items():
         print(f"{name:>30}: {t * 1000:7.1f} ms/image  ({base / t:5.2f}x the teacher's default)")
+    print_split(auto, args.split_images)
+
+
+class _TimedSession:
+    """An ONNX Runtime session that adds the seconds of each call to `spent`."""
+
+    def __init__(self, session, spent: list[float]):
+        self.session, self.spent = session, spent
+
+    def run(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.session.run(*args, **kwargs)
+        self.spent.append(time.perf_counter() - start)
+        return out
+
+
+def print_split(backend: OnnxBackend, images: int) -> None:
+    """Where the served student's image goes: each graph's calls, and the rest (tokenizing, the
+    sampler's steps, copies), over `images` images of FAST_SAMPLER at 4 steps after 10 untimed."""
+    spent = {key: [] for key in backend.sessions}
+    sessions = backend.sessions
+    backend.sessions = {key: _TimedSession(s, spent[key]) for key, s in sessions.items()}
+    try:
+        for seed in range(10):
+            sample(backend, [PROMPT], FAST_SAMPLER, 4, 5.0, seed)
+        for calls in spent.values():
+            calls.clear()
+        start = time.perf_counter()
+        for seed in range(images):
+            sample(backend, [PROMPT], FAST_SAMPLER, 4, 5.0, 10 + seed)
+        total = (time.perf_counter() - start) / images
+    finally:
+        backend.sessions = sessions
+    parts = {key: sum(calls) / images for key, calls in spent.items()}
+    line = ", ".join(f"{key} {t * 1000:.1f}" for key, t in parts.items())
+    print(
+        f"the {backend.precision} student, {FAST_SAMPLER}-4, mean of {images} images: {total * 1000:.1f} ms = "
+        f"{line}, the rest {(total - sum(parts.values())) * 1000:.1f} (threads {backend.threads})"
+    )
 
 
 if __name__ == "__main__":
