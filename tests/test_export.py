@@ -166,7 +166,7 @@ def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, mon
     single = _Timed(one or 0)
     monkeypatch.setattr(backends, "ort_session", lambda path, threads, spin: single)
     session = _Timed(many)
-    chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin=True)
+    chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin="always")
     assert (chosen, threads) == ((session, 2) if kept == "many" else (single, 1))
     assert single.calls == (0 if one is None else 10)  # a long call is not timed again on one thread
 

@@ -139,12 +139,15 @@ class TorchBackend:
         return to_uint8(self.decode_float(latents))
 
 
-def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None, spin: bool = True):
+# How a session's idle threads wait: spinning through and between calls (the UNet's, called again
+# within a millisecond), spinning through a call and sleeping after it, or sleeping whenever idle.
+SPIN_MODES = ("always", "in_call", "never")
+
+
+def ort_session(path: Path, optimized_path: Path | None = None, threads: int | None = None, spin: str = "always"):
     """An ONNX Runtime session: all graph optimisations (all but layout when saving the optimised
     graph to `optimized_path`), one intra-op thread per physical core,
-    the CUDA provider when this onnxruntime build has it. Threads spin between the operators of a
-    call; `spin=False` stops them at the end of each call, so a session used once per image does
-    not compete with the UNet's spinning threads afterwards."""
+    the CUDA provider when this onnxruntime build has it; `spin` one of SPIN_MODES."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -157,10 +160,8 @@ def ort_session(path: Path, optimized_path: Path | None = None, threads: int | N
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    # Sleeping between operators costs a hand-off per operator: the text encoder's 269 of them ran
-    # no faster on two threads than on one without spinning, and in 0.6 of the time with it.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    if not spin:
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "never" else "1")
+    if spin == "in_call":
         opts.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
@@ -182,7 +183,7 @@ THREAD_GAIN = 0.75
 LONG_CALL_S = 0.05
 
 
-def fit_threads(session, path: Path, feed: dict, cores: int, spin: bool) -> tuple:
+def fit_threads(session, path: Path, feed: dict, cores: int, spin: str) -> tuple:
     """`session` (all `cores` intra-op threads), or a one-thread session of the same graph unless
     every core is clearly faster on this CPU, measured now: a few-step student's batch-1 UNet and
     decoder ops are too small to share, and their threads' hand-offs cost more than they save.
@@ -254,7 +255,10 @@ class OnnxBackend:
         for key, name in files.items():
             optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
             paths[key] = optimized if optimized.exists() else folder / "onnx" / name
-            self.sessions[key] = ort_session(paths[key], threads=threads, spin=key == "unet")
+            # Used once per image, the other graphs' threads sleep when idle: spinning, they would
+            # compete with a guided UNet's pool, which spins between its calls (a teacher's text
+            # encoder took 12.5 ms an image instead of 6.2, its decoder 4.9 instead of 3.5).
+            self.sessions[key] = ort_session(paths[key], threads=threads, spin="always" if key == "unet" else "never")
         self._empty_text: torch.Tensor | None = None
         self.scheduler_config = _model_json(folder, "scheduler/scheduler_config.json")
         check_scheduler(folder, self.distilled, self.scheduler_config)
@@ -265,9 +269,20 @@ class OnnxBackend:
         # Only a student's: its batch-1 calls are where threads stop paying. A guided teacher's
         # calls gain 30-40 % from a second core, and a noisy timing at load must not cost them that.
         if threads is None and cores > 1 and self.distilled:
-            for key, feed in self._serving_feeds().items():
+            feeds = self._serving_feeds()
+            self.sessions["unet"], self.threads["unet"] = fit_threads(
+                self.sessions["unet"], paths["unet"], feeds["unet"], cores, spin="always"
+            )
+            # A UNet on one thread leaves no pool spinning between calls, so the other graphs' threads
+            # may spin through their own calls: sleeping between operators costs a hand-off each,
+            # and the text encoder's 269 small ones ran no faster on two threads than on one that
+            # way, in 0.6 of the time spinning.
+            spin = "in_call" if self.threads["unet"] == 1 else "never"
+            for key in ("text_encoder", "vae_decoder"):
+                if spin != "never":
+                    self.sessions[key] = ort_session(paths[key], threads=cores, spin=spin)
                 self.sessions[key], self.threads[key] = fit_threads(
-                    self.sessions[key], paths[key], feed, cores, spin=key == "unet"
+                    self.sessions[key], paths[key], feeds[key], cores, spin=spin
                 )
 
     def _serving_feeds(self) -> dict[str, dict[str, np.ndarray]]:
