@@ -157,18 +157,30 @@ class _Timed:
 
 
 @pytest.mark.parametrize(
-    "many, one, kept",
-    [(0.004, 0.004, 1), (0.0035, 0.004, 1), (0.002, 0.004, "many"), (0.06, None, "many")],
+    "many, one, kept, spin",
+    [
+        (0.004, 0.004, 1, "always"),
+        (0.0035, 0.004, 1, "always"),
+        (0.002, 0.004, "many", "always"),
+        (0.06, None, "many", "always"),
+        (0.0032, 0.004, "many", "in_call"),  # no spinning pool to contend with: a smaller gain pays
+        (0.0038, 0.004, 1, "in_call"),
+    ],
 )
-def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, monkeypatch, tmp_path):
+def test_fit_threads_keeps_more_threads_only_where_they_pay(many, one, kept, spin, monkeypatch, tmp_path):
     from blossom import backends
 
     single = _Timed(one or 0)
     monkeypatch.setattr(backends, "ort_session", lambda path, threads, spin: single)
     session = _Timed(many)
-    chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin="always")
+    chosen, threads = backends.fit_threads(session, tmp_path / "g.onnx", {}, 2, spin=spin)
     assert (chosen, threads) == ((session, 2) if kept == "many" else (single, 1))
-    assert single.calls == (0 if one is None else 10)  # a long call is not timed again on one thread
+    if one is None:
+        assert single.calls == 0  # a long call is not timed again on one thread
+    else:  # two blocks, each an untimed call and ~0.03 s of timed ones (a sleep overshoots a little)
+        calls = [2 * (1 + backends.calls_per_block(t)) for t in (1.3 * many, many)]
+        assert calls[0] <= single.calls <= calls[1]
+    assert [backends.calls_per_block(t) for t in (0.001, 0.004, 0.02)] == [16, 7, 4]
 
 
 def _with_scores(exported, tmp_path):
