@@ -186,8 +186,8 @@ THREAD_GAIN = 0.75
 IN_CALL_GAIN = 0.9
 # Calls this long have work enough per operator for every core; timing them again would only slow loading.
 LONG_CALL_S = 0.05
-# Each timed block runs about this long (4 to 16 calls): a median of 8 calls of a 4 ms graph
-# flipped the choice on one load in three on a noisy host.
+# Each timed block runs about this long (4 to 16 calls): a student's 2-4 ms graphs get medians of
+# 14-30 calls instead of 8, for about 0.1 s more loading each.
 BLOCK_S = 0.03
 
 
