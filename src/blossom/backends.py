@@ -289,8 +289,8 @@ class OnnxBackend:
             )
             # A UNet on one thread leaves no pool spinning between calls, so the other graphs' threads
             # may spin through their own calls: sleeping between operators costs a hand-off each,
-            # and the text encoder's 269 small ones ran no faster on two threads than on one that
-            # way, in 0.6 of the time spinning.
+            # and the text encoder's 269 small ones ran in 0.76 of one thread's time on two that
+            # way, in 0.6 spinning.
             spin = "in_call" if self.threads["unet"] == 1 else "never"
             for key in ("text_encoder", "vae_decoder"):
                 if spin != "never":
