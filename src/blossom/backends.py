@@ -265,43 +265,45 @@ class OnnxBackend:
         self.distilled = self.info.get("distilled")
         self.max_tokens = self.info["text"]["max_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        self.sessions, paths = {}, {}
-        for key, name in files.items():
-            optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
-            paths[key] = optimized if optimized.exists() else folder / "onnx" / name
-            # Used once per image, the other graphs' threads sleep when idle: spinning, they would
-            # compete with a guided UNet's pool, which spins between its calls (a teacher's text
-            # encoder took 12.5 ms an image instead of 6.2, its decoder 4.9 instead of 3.5).
-            self.sessions[key] = ort_session(paths[key], threads=threads, spin="always" if key == "unet" else "never")
         self._empty_text: torch.Tensor | None = None
         self.scheduler_config = _model_json(folder, "scheduler/scheduler_config.json")
         check_scheduler(folder, self.distilled, self.scheduler_config)
         c = _model_json(folder, "unet/config.json")
         self.latent_shape = (c["in_channels"], c["sample_size"], c["sample_size"])
+        self._text_shape = (self.max_tokens, c["cross_attention_dim"])
+        paths = {}
+        for key, name in files.items():
+            optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
+            paths[key] = optimized if optimized.exists() else folder / "onnx" / name
         cores = threads or physical_cores()
-        self.threads = dict.fromkeys(self.sessions, cores)
         # Only a student's: its batch-1 calls are where threads stop paying. A guided teacher's
         # calls gain 30-40 % from a second core, and a noisy timing at load must not cost them that.
-        if threads is None and cores > 1 and self.distilled:
-            feeds = self._serving_feeds()
+        fitting = threads is None and cores > 1 and bool(self.distilled)
+        feeds = self._serving_feeds() if fitting else {}
+        self.sessions = {"unet": ort_session(paths["unet"], threads=threads, spin="always")}
+        self.threads = {"unet": cores}
+        if fitting:
             self.sessions["unet"], self.threads["unet"] = fit_threads(
                 self.sessions["unet"], paths["unet"], feeds["unet"], cores, spin="always"
             )
-            # A UNet on one thread leaves no pool spinning between calls, so the other graphs' threads
-            # may spin through their own calls: sleeping between operators costs a hand-off each,
-            # and the text encoder's 269 small ones ran in 0.76 of one thread's time on two that
-            # way, in 0.6 spinning.
-            spin = "in_call" if self.threads["unet"] == 1 else "never"
-            for key in ("text_encoder", "vae_decoder"):
-                if spin != "never":
-                    self.sessions[key] = ort_session(paths[key], threads=cores, spin=spin)
+        # Used once per image, the other graphs' threads sleep when idle: spinning, they would compete
+        # with a UNet pool that spins between its calls (a guided teacher's text encoder took 12.5 ms an
+        # image instead of 6.2, its decoder 4.9 instead of 3.5). Beside a student's one-thread UNet
+        # there is no such pool, so they spin through their own calls: sleeping between operators
+        # costs a hand-off each, and the text encoder's 269 small ones ran in 0.76 of one thread's
+        # time on two that way, in 0.6 spinning.
+        spin = "in_call" if fitting and self.threads["unet"] == 1 else "never"
+        for key in ("text_encoder", "vae_decoder"):
+            self.sessions[key], self.threads[key] = ort_session(paths[key], threads=threads, spin=spin), cores
+            if fitting:
                 self.sessions[key], self.threads[key] = fit_threads(
                     self.sessions[key], paths[key], feeds[key], cores, spin=spin
                 )
 
     def _serving_feeds(self) -> dict[str, dict[str, np.ndarray]]:
-        """Inputs shaped as a distilled model's calls for one image: batch 1, guidance embedded."""
-        text = self._encode([""])
+        """Inputs shaped as a distilled model's calls for one image: batch 1, guidance embedded (zero
+        text states: the graphs are timed with them before the text encoder's session exists)."""
+        text = torch.zeros(1, *self._text_shape)
         cond = torch.zeros(1, self.distilled["guidance_embedding_dim"])
         return {
             "text_encoder": tokenize(self.tokenizer, ["a flower"], self.max_tokens),
