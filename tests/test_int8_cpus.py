@@ -5,7 +5,8 @@ sums saturate for full-range weights. The saved graphs are checked for the prope
 it (7-bit weights, u8 activations), and the int8 UNet is run on an emulated AVX2-only CPU
 (qemu-user, -cpu Haswell) beside this one: the same graph must agree with fp32 equally well on
 both, while a full-range graph, the old format, is shown to break there (so the emulation really
-takes the saturating path).
+takes the saturating path). The int8 text encoder (8-bit weights in blocks, other kernels) is run
+on both the same way.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import sys
 import numpy as np
 import pytest
 from onnx import TensorProto
+from transformers import AutoTokenizer
 
 from blossom import cpu
 from blossom.backends import load_backend
 from blossom.cpu import auto_precision, has_vnni, vector_features
 from blossom.errors import ModelError
-from blossom.layout import INT8_FILES
+from blossom.layout import INT8_FILES, INT8_TEXT_ENCODER
+from blossom.models import tokenize
 from blossom.quantize import WEIGHT_LIMIT, int8_operand_ranges, saturates_without_vnni
 
-# Runs the fp32 and int8 UNet graphs on recorded inputs with ONNX Runtime alone (no torch, so it
-# starts quickly under emulation) and prints each int8 graph's output SNR against fp32, in dB.
+TEXT_PROMPTS = ["a red flower with five round petals on green grass", "a ruby blossom at midnight"]
+# Runs an fp32 graph and int8 versions of it on recorded inputs with ONNX Runtime alone (no torch,
+# so it starts quickly under emulation) and prints each int8 graph's output SNR against fp32, in dB.
 SNR_SCRIPT = """
 import sys, numpy as np, onnxruntime as ort
 feeds = np.load(sys.argv[1]); fp32, graphs = sys.argv[2], sys.argv[3:]
@@ -102,6 +106,14 @@ def test_int8_is_as_right_on_an_avx2_cpu_as_here(micro_exported, full_range):
         f"UNet output SNR vs fp32, dB: 7-bit here {here[0]:.2f}, emulated AVX2 {avx2[0]:.2f}; "
         f"full-range here {here[1]:.2f}, emulated AVX2 {avx2[1]:.2f}"
     )
+    # the text encoder's 8-bit block weights (MatMulNBits) take other kernels: right there too
+    text_feeds = full_range / "text_feeds.npz"
+    np.savez(text_feeds, **tokenize(AutoTokenizer.from_pretrained(out / "tokenizer"), TEXT_PROMPTS, 16))
+    text = [out / "onnx" / INT8_TEXT_ENCODER]
+    text_here = _snr(text, out / "onnx" / "text_encoder.onnx", text_feeds, emulate=False)[0]
+    text_avx2 = _snr(text, out / "onnx" / "text_encoder.onnx", text_feeds, emulate=True)[0]
+    print(f"text encoder states SNR vs fp32, dB: here {text_here:.2f}, emulated AVX2 {text_avx2:.2f}")
+    assert text_here > 20 and abs(text_avx2 - text_here) < 1.0, (text_here, text_avx2)
     ours_here, ours_avx2 = here[0], avx2[0]
     old_here, old_avx2 = here[1], avx2[1]
     assert ours_here > 20 and abs(ours_avx2 - ours_here) < 1.0, (here, avx2)

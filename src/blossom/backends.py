@@ -13,7 +13,15 @@ import torch
 from blossom.config import TextConfig
 from blossom.errors import BlossomError, ModelError, first_line
 from blossom.images import to_uint8
-from blossom.layout import INT8_FILES, ONNX_FILES, has_int8, has_onnx, model_files_missing, unet_feed
+from blossom.layout import (
+    INT8_FILES,
+    INT8_TEXT_ENCODER,
+    ONNX_FILES,
+    has_int8,
+    has_onnx,
+    model_files_missing,
+    unet_feed,
+)
 from blossom.models import VAE_CLASSES, fit_attention, load_text_encoder, load_vae, tokenize
 
 
@@ -240,7 +248,8 @@ def _model_json(folder: Path, name: str) -> dict:
 
 class OnnxBackend:
     """The exported ONNX graphs in ONNX Runtime; the optimised copies when present. `precision`
-    int8 runs the statically quantized UNet and VAE decoder that `blossom export` calibrates."""
+    int8 runs the statically quantized UNet and VAE decoder that `blossom export` calibrates, and
+    its int8 text encoder where the export kept one."""
 
     name = "onnx"
 
@@ -275,6 +284,8 @@ class OnnxBackend:
         for key, name in files.items():
             optimized = folder / "onnx" / name.replace(".onnx", ".opt.onnx")
             paths[key] = optimized if optimized.exists() else folder / "onnx" / name
+        if precision == "int8" and (folder / "onnx" / INT8_TEXT_ENCODER).exists():
+            paths["text_encoder"] = folder / "onnx" / INT8_TEXT_ENCODER
         cores = threads or physical_cores()
         # Only a student's: its batch-1 calls are where threads stop paying. A guided teacher's
         # calls gain 30-40 % from a second core, and a noisy timing at load must not cost them that.

@@ -412,8 +412,10 @@ def cmd_export(cfg: Config, paths: Paths, args) -> dict:
     int8 = "; no int8 (no calibration captions)"
     if psnr is not None:
         decided = json.loads((paths.export / "onnx" / "int8.json").read_text())
-        block = f", {decided['fp32_block']} kept in fp32" if decided["fp32_block"] else ""
-        int8 = f"; int8 image vs fp32: {psnr:.1f} dB PSNR{block}" + ("" if decided["written"] else " (not written)")
+        fp32 = [] if decided.get("text_encoder_int8", True) else ["the text encoder"]
+        fp32 += [decided["fp32_block"]] if decided["fp32_block"] else []
+        kept = f", {' and '.join(fp32)} kept in fp32" if fp32 and decided["written"] else ""
+        int8 = f"; int8 image vs fp32: {psnr:.1f} dB PSNR{kept}" + ("" if decided["written"] else " (not written)")
     print(
         f"export: diffusers pipeline + ONNX -> {paths.export}; ONNX vs PyTorch max abs diff: "
         + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())

@@ -18,6 +18,9 @@ import torch
 MODEL_FILES = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "blossom.json"]
 ONNX_FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"}
 INT8_FILES = {"unet": "unet.int8.onnx", "vae_decoder": "vae_decoder.int8.onnx"}
+# The text encoder's int8 copy (quantize.quantize_text_encoder) is optional: exports made before it
+# have none, and export keeps the text encoder in fp32 when its int8 copy moves the image too far.
+INT8_TEXT_ENCODER = "text_encoder.int8.onnx"
 
 
 def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
