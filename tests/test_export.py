@@ -229,7 +229,7 @@ def test_publish_locally_with_a_model_card(exported, tmp_path):
     assert "| petal colour | 0.95 [0.92, 0.97] | 0.50 [0.40, 0.60] | 1.00 [0.99, 1.00] |" in card
     assert "95 % Wilson intervals; 280 seen + 80 held-out" in card and "![samples](samples.png)" in card
     assert "Intended use and limitations" in card and "Training data" in card
-    assert "int8 copies of the UNet and VAE decoder" in card
+    assert "int8 copies of the UNet and VAE decoder" in card and "and of the text encoder (8-bit block" in card
     val = json.loads((folder / "train.json").read_text())["val_loss"]
     assert f"**{val:.4f}**" in card
     # the local folder is a complete model for both backends

@@ -17,7 +17,7 @@ import yaml
 from blossom.config import PublishConfig
 from blossom.errors import BlossomError, first_line
 from blossom.fsutil import atomic_dir, write_text
-from blossom.layout import sample_settings
+from blossom.layout import INT8_TEXT_ENCODER, sample_settings
 from blossom.stats import adherence_note, adherence_table
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,11 @@ def model_card(folder: Path, repo_id: str) -> str:
         + (
             ", with statically quantized int8 copies of the UNet and VAE decoder (`onnx/*.int8.onnx`, "
             "calibrated on validation captions)"
+            + (
+                " and of the text encoder (8-bit block-wise weights, ONNX Runtime's MatMulNBits)"
+                if (folder / "onnx" / INT8_TEXT_ENCODER).exists()
+                else ""
+            )
             if (folder / "onnx" / "unet.int8.onnx").exists()
             else ""
         )
