@@ -4,9 +4,9 @@ The pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `toke
 `scheduler/`, safetensors weights) loads with `diffusers.StableDiffusionPipeline.from_pretrained`
 and no blossom code. `onnx/` beside it holds the text encoder, UNet and VAE decoder as ONNX
 graphs (dynamic batch), each also saved after ONNX Runtime's graph optimisations, so a session
-starts without redoing them; given calibration captions, also int8 copies of the UNet and VAE
-decoder (quantize.py). Everything is written to a temp folder and renamed at the end: a
-killed export never leaves a half folder that looks complete.
+starts without redoing them; given calibration captions, also int8 copies of the UNet, VAE
+decoder and text encoder (quantize.py). Everything is written to a temp folder and renamed at
+the end: a killed export never leaves a half folder that looks complete.
 """
 
 from __future__ import annotations
@@ -292,8 +292,9 @@ def export(
 ) -> dict:
     """model_dir (a trained model folder) -> out_dir with the diffusers pipeline and onnx/; returns parity numbers.
     With calibration captions, also the int8 UNet and VAE decoder, calibrated by sampling them
-    (sampler, steps, guidance), kept only within INT8_MIN_PSNR_DB of fp32 unless int8_bar is False
-    (benchmarks timing random weights, whose int8 accuracy means nothing). fast_dir: a distilled
+    (sampler, steps, guidance), and the int8 text encoder, kept only within INT8_MIN_PSNR_DB of
+    fp32 unless int8_bar is False (benchmarks timing random weights, whose int8 accuracy means
+    nothing). fast_dir: a distilled
     student, exported the same way into out_dir/fast (its numbers prefixed `fast_`)."""
     from blossom.backends import check_finished
 
