@@ -95,3 +95,44 @@ def test_only_prompts_that_were_cut_are_warned_about(micro_cfg, caplog):
     with caplog.at_level("WARNING"):
         batch = tokenize(tokenizer, ["a red flower", exact, over], n)
     assert batch["input_ids"].shape == (3, n) and "1 prompt(s) longer than" in caplog.text
+
+
+@pytest.mark.parametrize("sampler", [*SAMPLERS, "tcd"])
+def test_a_scheduler_made_with_its_steps_is_fresh_every_time(backend, sampler):
+    """make_scheduler keeps one scheduler per sampler, config and steps and hands out copies: a
+    copy stepped to the end leaves the next one as a newly set scheduler would be."""
+    import inspect
+
+    import torch
+
+    from blossom.sampling import _build_scheduler, make_scheduler
+
+    config = backend.scheduler_config
+    used = make_scheduler(sampler, config, 4)
+    takes = inspect.signature(used.step).parameters
+    extra = {"generator": torch.Generator().manual_seed(0)} if "generator" in takes else {}
+    latents = torch.randn(1, 4, 8, 8)
+    for t in used.timesteps:
+        latents = used.step(torch.randn(1, 4, 8, 8), t, latents, **extra).prev_sample
+    fresh, new = make_scheduler(sampler, config, 4), _build_scheduler(sampler, config)
+    new.set_timesteps(4)
+    assert fresh is not used and torch.equal(fresh.timesteps, new.timesteps)
+    assert vars(fresh).keys() == vars(new).keys()
+    for key, value in vars(new).items():
+        if key != "config":
+            assert repr(vars(fresh)[key]) == repr(value), key  # step state (index, stored outputs) is fresh
+
+
+def test_uint8_images_round_half_to_even_as_torch_does():
+    """to_uint8 converts in NumPy (torch's round() wakes its OpenMP pool beside ONNX Runtime's
+    threads): the same bits as torch's own conversion, ties and out-of-range values included."""
+    import torch
+
+    from blossom.images import to_uint8
+
+    torch.manual_seed(0)
+    ties = (torch.arange(256, dtype=torch.float32) + 0.5) / 127.5 - 1  # (x + 1) * 127.5 lands on k + 0.5
+    x = torch.cat([ties.reshape(1, 1, 16, 16).expand(1, 3, 16, 16), torch.randn(1, 3, 16, 16) * 2])
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    got = to_uint8(x)
+    assert got.dtype == np.uint8 and got.shape == (2, 16, 16, 3) and np.array_equal(got, want)

@@ -28,7 +28,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    # In NumPy (the same float32 arithmetic, the same bits): torch's round() runs on its OpenMP
+    # pool, whose threads then spin beside ONNX Runtime's and slow its next calls.
+    a = x.detach().float().cpu().numpy()
+    return np.rint((np.clip(a, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def image_grid(images: np.ndarray, cols: int) -> np.ndarray:

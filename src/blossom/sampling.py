@@ -8,6 +8,7 @@ others were generated beside it.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -99,17 +100,26 @@ def guidance_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-_SCHEDULERS: dict[str, object] = {}
+@functools.lru_cache(maxsize=64)
+def _guidance_row(scale: float, dim: int) -> torch.Tensor:
+    return guidance_embedding(torch.tensor([scale]), dim)
 
 
-def make_scheduler(name: str, train_config: dict):
-    """A fresh scheduler (they hold per-call state): a copy of one built once per sampler and
-    config, since building one recomputes its noise schedule in Python (~2 ms, a tenth of a
-    few-step image)."""
-    key = name + json.dumps(train_config, sort_keys=True, default=str)
-    if key not in _SCHEDULERS:  # two threads may both build it: the same object either way
-        _SCHEDULERS[key] = _build_scheduler(name, train_config)
-    return copy.deepcopy(_SCHEDULERS[key])
+def make_scheduler(name: str, train_config: dict, steps: int | None = None):
+    """A fresh scheduler (they hold per-call state), with `steps` timesteps set when given: a copy
+    of one built once per sampler, config and steps. Building one recomputes its noise schedule in
+    Python (~2 ms, a tenth of a few-step image), and setting its steps takes a square root that
+    runs on torch's OpenMP pool, whose threads then spin beside ONNX Runtime's (a guided ONNX
+    image took ~3 ms longer)."""
+    return copy.deepcopy(_scheduler(name, steps, json.dumps(train_config, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=64)  # a web app's visitors may ask for any step count: keep the recent ones
+def _scheduler(name: str, steps: int | None, train_config: str):
+    sched = _build_scheduler(name, json.loads(train_config))
+    if steps is not None:
+        sched.set_timesteps(steps)
+    return sched
 
 
 def _build_scheduler(name: str, train_config: dict):
@@ -196,8 +206,7 @@ def denoise(
     check_fast(backend, sampler, steps)
     if sampler in FAST_SAMPLERS:
         return _denoise_fast(backend, prompts, sampler, steps, guidance, seed, progress)
-    sched = make_scheduler(sampler, backend.scheduler_config)
-    sched.set_timesteps(steps)
+    sched = make_scheduler(sampler, backend.scheduler_config, steps)
     n = len(prompts)
     guided = guidance != 1.0
     text = backend.encode_text(([""] * n if guided else []) + list(prompts))
@@ -227,14 +236,14 @@ def _denoise_fast(
     """A consistency sampler: one UNet call per step, guidance as an input. Each image draws its
     starting (and lcm's per-step) noise from its own generator (seed + i), as diffusers' pipelines
     do when handed one generator per image: the same images."""
-    sched = make_scheduler(sampler, backend.scheduler_config)
+    sched = make_scheduler(sampler, backend.scheduler_config, steps)
     extra = {"eta": TCD_GAMMA} if sampler == "tcd" else {}
-    sched.set_timesteps(steps)
     n = len(prompts)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     text = backend.encode_text(list(prompts))
     latents = torch.cat([torch.randn((1, *backend.latent_shape), generator=g) for g in gens]) * sched.init_noise_sigma
-    cond = guidance_embedding(torch.full((n,), float(guidance)), backend.distilled["guidance_embedding_dim"])
+    # one row, made once per scale: its exp, sin and cos would each start torch's OpenMP pool per image
+    cond = _guidance_row(float(guidance), backend.distilled["guidance_embedding_dim"]).repeat(n, 1)
     for i, t in enumerate(sched.timesteps):
         pred = backend.unet(latents, t.expand(n), text, cond)
         latents = sched.step(pred, t, latents, generator=gens, **extra).prev_sample
