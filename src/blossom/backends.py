@@ -335,7 +335,7 @@ class OnnxBackend:
         rest = [p for p in prompts if p != ""]
         encoded = iter(self._encode(rest) if rest else ())
         # Stacked, not assigned by index: index_put runs on torch's OpenMP pool, whose threads then
-        # spin beside ONNX Runtime's UNet pool (a guided image took ~10 ms longer).
+        # spin beside ONNX Runtime's UNet pool (its next call took 2-4 ms longer).
         return torch.stack([self._empty_text[0] if p == "" else next(encoded) for p in prompts])
 
     def unet(

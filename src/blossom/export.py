@@ -294,8 +294,8 @@ def export(
     With calibration captions, also the int8 UNet and VAE decoder, calibrated by sampling them
     (sampler, steps, guidance), and the int8 text encoder, kept only within INT8_MIN_PSNR_DB of
     fp32 unless int8_bar is False (benchmarks timing random weights, whose int8 accuracy means
-    nothing). fast_dir: a distilled
-    student, exported the same way into out_dir/fast (its numbers prefixed `fast_`)."""
+    nothing). fast_dir: a distilled student, exported the same way into out_dir/fast (its numbers
+    prefixed `fast_`)."""
     from blossom.backends import check_finished
 
     for folder in (model_dir, fast_dir):
