@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,22 +260,33 @@ def test_publish_to_the_hub_says_at_once_why_it_cannot(exported, tmp_path):
     assert time.time() - start < 5 and "hf_not_a_real_token" not in str(err.value)
 
 
-def test_int8_below_the_bar_is_searched_then_not_shipped(micro_exported, micro_prepared, tmp_path, monkeypatch):
-    """With an unreachable bar, export tries the UNet with each decoder-side block kept in fp32,
-    records what each gave, and ships no int8 graphs; the fp32 export is complete."""
-    import blossom.export as export_module
-    from blossom.cli import calibration_captions
-    from blossom.export import export
+def _int8_step(micro_exported, micro_prepared, out: Path, bar: float) -> dict:
+    """Export's int8 step alone, on a copy of the micro export without its int8 graphs (a whole
+    export again is the slow part): what write_int8_within_bar decided, and int8.json agrees."""
+    import shutil
 
-    model, _, _ = micro_exported
+    from blossom.cli import calibration_captions
+    from blossom.export import write_int8_within_bar
+
+    _, exported, _ = micro_exported
     _, paths = micro_prepared
-    monkeypatch.setattr(export_module, "INT8_MIN_PSNR_DB", 99.0)
-    out = tmp_path / "export"
-    diffs = export(model, out, calibration_captions(paths.data / "val"), ("ddim", 4, 5.0))
+    shutil.copytree(exported, out, ignore=shutil.ignore_patterns("*.int8.onnx*", "int8.json"))
+    calibration = calibration_captions(paths.data / "val")
+    result = write_int8_within_bar(out / "onnx", OnnxBackend(out), calibration, ("ddim", 4, 5.0), bar)
     decided = json.loads((out / "onnx" / "int8.json").read_text())
-    assert decided["written"] is False and decided["bar_db"] == 99.0
+    assert {k: v for k, v in decided.items() if k != "written"} == result
+    return decided
+
+
+def test_int8_below_the_bar_is_searched_then_not_shipped(micro_exported, micro_prepared, tmp_path):
+    """With an unreachable bar, export tries the text encoder in fp32, then the UNet with each
+    decoder-side block kept in fp32, records what each gave, and ships no int8 graphs; the fp32
+    export is complete."""
+    out = tmp_path / "export"
+    decided = _int8_step(micro_exported, micro_prepared, out, 99.0)
+    assert decided["written"] is False and decided["bar_db"] == 99.0 and decided["text_encoder_int8"] is False
     assert set(decided["tried_db"]) == {"", "text_encoder", "mid_block", "up_blocks.0", "up_blocks.1"}
-    assert decided["psnr_db"] == max(decided["tried_db"].values()) == diffs["image_int8_psnr_db"] > 15
+    assert decided["psnr_db"] == max(decided["tried_db"].values()) > 15
     assert not list((out / "onnx").glob("*.int8.onnx*")) and not list((out / "onnx").glob(".best*"))
     with pytest.raises(ModelError, match="missing onnx/unet.int8.onnx"):
         load_backend("onnx", out, "int8")
@@ -288,17 +300,15 @@ def test_int8_below_the_bar_ships_the_best_block_and_only_its_weights(
     existing weights file, which once left another try's weights inside the shipped one)."""
     import blossom.export as export_module
     from blossom.cli import calibration_captions
-    from blossom.export import export
+    from blossom.export import INT8_MIN_PSNR_DB
     from blossom.quantize import calibration_feeds, quantize_graph
 
-    model, _, _ = micro_exported
     _, paths = micro_prepared
     # all int8, the text encoder in fp32, then with it mid_block (the best), up_blocks.0, up_blocks.1
     scores = iter([20.0, 21.0, 30.0, 25.0, 22.0])
     monkeypatch.setattr(export_module, "int8_psnr", lambda fp32, int8: next(scores))
     out = tmp_path / "export"
-    export(model, out, calibration_captions(paths.data / "val"), ("ddim", 4, 5.0))
-    decided = json.loads((out / "onnx" / "int8.json").read_text())
+    decided = _int8_step(micro_exported, micro_prepared, out, INT8_MIN_PSNR_DB)
     assert decided["written"] and decided["fp32_block"] == "mid_block" and decided["psnr_db"] == 30.0
     assert decided["text_encoder_int8"] is False and not list((out / "onnx").glob(INT8_TEXT_ENCODER + "*"))
     feeds, _ = calibration_feeds(OnnxBackend(out), calibration_captions(paths.data / "val"), "ddim", 4, 5.0)
@@ -312,16 +322,12 @@ def test_int8_below_the_bar_ships_the_best_block_and_only_its_weights(
 def test_int8_below_the_bar_keeps_the_text_encoder_in_fp32_first(micro_exported, micro_prepared, tmp_path, monkeypatch):
     """When the text encoder in fp32 brings the image within the bar, the UNet stays all int8."""
     import blossom.export as export_module
-    from blossom.cli import calibration_captions
-    from blossom.export import export
+    from blossom.export import INT8_MIN_PSNR_DB
 
-    model, _, _ = micro_exported
-    _, paths = micro_prepared
     scores = iter([27.0, 29.0])  # all int8 under a 28 dB bar; the text encoder in fp32 over it
     monkeypatch.setattr(export_module, "int8_psnr", lambda fp32, int8: next(scores))
     out = tmp_path / "export"
-    export(model, out, calibration_captions(paths.data / "val"), ("ddim", 4, 5.0))
-    decided = json.loads((out / "onnx" / "int8.json").read_text())
+    decided = _int8_step(micro_exported, micro_prepared, out, INT8_MIN_PSNR_DB)
     assert decided["written"] and decided["tried_db"] == {"": 27.0, "text_encoder": 29.0}
     assert decided["text_encoder_int8"] is False and decided["fp32_block"] is None
     assert not list((out / "onnx").glob(INT8_TEXT_ENCODER + "*"))
