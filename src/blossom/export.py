@@ -22,7 +22,7 @@ import torch
 from blossom.errors import ModelError
 from blossom.fsutil import atomic_dir, write_json
 from blossom.images import psnr
-from blossom.layout import ONNX_FILES
+from blossom.layout import ONNX_FILES, remove_graph
 from blossom.models import fit_attention
 from blossom.sampling import guidance_embedding
 
@@ -208,6 +208,9 @@ def check_parity(diffs: dict[str, float]) -> None:
         raise ModelError(f"ONNX export differs from PyTorch ({', '.join(bad)}): report this with your model config")
 
 
+TEXT_ENCODER = "text_encoder"  # int8.json's name for the try with the text encoder in fp32
+
+
 def write_int8_within_bar(onnx_dir: Path, fp32_backend, calibration: list[str], sampling, bar: float) -> dict:
     """The int8 graphs, if some version of them holds `bar` dB: all in int8, else the text encoder in
     fp32, else also the best of the UNet with one decoder-side block in fp32, else none. Returns what
@@ -224,7 +227,7 @@ def write_int8_within_bar(onnx_dir: Path, fp32_backend, calibration: list[str], 
     feeds = write_int8(onnx_dir, fp32_backend, calibration, *sampling)
     tried = {"": measured()}
     if tried[""] < bar:  # the text encoder first: it is the smallest share of an image's time
-        _remove_graph(onnx_dir / INT8_TEXT_ENCODER)
+        remove_graph(onnx_dir / INT8_TEXT_ENCODER)
         tried[TEXT_ENCODER] = measured()
     if max(tried.values()) < bar:
         unet, best = onnx_dir / INT8_FILES["unet"], onnx_dir / ".best.unet.int8.onnx"
@@ -245,7 +248,7 @@ def write_int8_within_bar(onnx_dir: Path, fp32_backend, calibration: list[str], 
     }
     if tried[kept] < bar:
         for name in (*INT8_FILES.values(), INT8_TEXT_ENCODER):
-            _remove_graph(onnx_dir / name)
+            remove_graph(onnx_dir / name)
         result["text_encoder_int8"] = False
         log.warning(
             "int8 not written: its image is %.1f dB from fp32 at best, below the %.0f dB bar "
@@ -257,23 +260,15 @@ def write_int8_within_bar(onnx_dir: Path, fp32_backend, calibration: list[str], 
     return result
 
 
-TEXT_ENCODER = "text_encoder"  # int8.json's name for the try with the text encoder in fp32
-
-
-def _remove_graph(path: Path) -> None:
-    for part in path.parent.glob(path.name + "*"):  # the graph and its external weights
-        part.unlink()
-
-
 def _move_graph(src: Path, dst: Path) -> None:
     """A QDQ graph and its external weights, renamed (the graph names its weights file)."""
     import onnx
 
+    from blossom.quantize import save_graph
+
     model = onnx.load(str(src))
-    # dst's old weights file too: onnx appends external data to a file that exists
-    for path in [*src.parent.glob(src.name + "*"), *dst.parent.glob(dst.name + "*")]:
-        path.unlink()
-    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    remove_graph(src)
+    save_graph(model, dst)
 
 
 def int8_psnr(fp32, int8) -> float:

@@ -23,6 +23,12 @@ INT8_FILES = {"unet": "unet.int8.onnx", "vae_decoder": "vae_decoder.int8.onnx"}
 INT8_TEXT_ENCODER = "text_encoder.int8.onnx"
 
 
+def remove_graph(path: Path) -> None:
+    """An ONNX graph and the external weights file beside it (`<name>.data`), where they exist."""
+    for part in path.parent.glob(path.name + "*"):
+        part.unlink()
+
+
 def model_files_missing(folder: Path, needed: list[str] | None = None) -> list[str]:
     return [n for n in needed or MODEL_FILES if not (folder / n).exists()]
 

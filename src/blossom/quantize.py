@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from blossom.layout import INT8_FILES, INT8_TEXT_ENCODER, ONNX_FILES, unet_feed
+from blossom.layout import INT8_FILES, INT8_TEXT_ENCODER, ONNX_FILES, remove_graph, unet_feed
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict], keep: tuple[st
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     nodes = nodes_to_quantize(onnx.load(str(source), load_external_data=False).graph, keep)
-    for old in target.parent.glob(target.name + "*"):  # onnx appends external weights to an existing file
-        old.unlink()
+    remove_graph(target)  # onnx appends external weights to an existing file
     quantize_static(
         str(source),
         str(target),
@@ -156,9 +155,16 @@ def quantize_text_encoder(source: Path, target: Path) -> None:
         quantizer.process()
     finally:
         noisy.setLevel(level)
-    for old in target.parent.glob(target.name + "*"):
-        old.unlink()
-    onnx.save_model(quantizer.model.model, str(target), save_as_external_data=True, location=target.name + ".data")
+    save_graph(quantizer.model.model, target)
+
+
+def save_graph(model, target: Path) -> None:
+    """`model` at `target`, its weights in `<target>.data`, replacing what was there (onnx appends
+    external weights to a file that exists)."""
+    import onnx
+
+    remove_graph(target)
+    onnx.save_model(model, str(target), save_as_external_data=True, location=target.name + ".data")
 
 
 def int8_operand_ranges(path: Path) -> tuple[int, set[int]]:
