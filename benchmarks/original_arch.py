@@ -120,8 +120,9 @@ def student_of(model: Path, folder: Path, tiny_decoder: Path | None = None) -> P
 
     cfg = Config()
     tiny = load_tiny_decoder(tiny_decoder, load_vae(model / "vae")) if tiny_decoder else None
+    # every block, as the peer256 preset's student keeps them (pruning is measured on tiny only)
     student_from(
-        UNet2DConditionModel.from_pretrained(model / "unet"), cfg.distill.guidance_embedding_dim
+        UNet2DConditionModel.from_pretrained(model / "unet"), cfg.distill.guidance_embedding_dim, prune=False
     ).save_pretrained(folder / "unet")
     write_student_files(model, folder, cfg, json.loads((model / "blossom.json").read_text()), {}, tiny)
     return folder

@@ -545,6 +545,12 @@ CASES = [
         "must divide train.num_train_timesteps",
     ),
     ("distill default past max", S("--set", "distill.default_steps=9", "distill"), 2, "distill.default_steps <="),
+    (
+        "distill pruning not a yes or no",
+        S("--set", "distill.prune_lowest_level=maybe", "distill"),
+        2,
+        "config key 'distill.prune_lowest_level' must be bool",
+    ),
     ("distill without a champion", S("distill", "--no-register"), 2, "no trained model at"),
     ("distill a student", lambda root: ["distill", "--teacher", str(fake_student(root))], 2, "already a distilled"),
     ("distill tiny decoder missing", distill_tiny(lambda root: "nowhere"), 2, "nowhere has no config.json"),

@@ -67,10 +67,83 @@ def test_the_student_starts_as_the_teacher(micro_exported):
     assert torch.equal(a, b)
 
 
+TINY_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+TINY_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _three_levels(down=TINY_DOWN, up=TINY_UP):
+    """A micro teacher of three levels, by default with the tiny preset's blocks (attention at two)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        cross_attention_dim=16,
+    ).eval()
+
+
+def test_a_pruned_student_leaves_out_the_lowest_levels_attention_and_keeps_the_rest_of_the_teacher(tmp_path):
+    import onnxruntime as ort
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from blossom.export import _export_onnx, _StudentUNet
+
+    teacher = _three_levels()
+    s = student_from(teacher, 16, prune=True).eval()
+    assert s.mid_block is None
+    assert list(s.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert list(s.config.up_block_types) == ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    mine, theirs = s.state_dict(), teacher.state_dict()
+    assert not any(k.startswith(("mid_block.", "down_blocks.2.attentions.", "up_blocks.0.attentions.")) for k in mine)
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items() if "cond_proj" not in k)
+    assert sum(v.numel() for v in mine.values()) < 0.8 * sum(v.numel() for v in theirs.values())
+    # diffusers reads it back, and it exports to ONNX within the parity bar, as a full student does
+    s.save_pretrained(tmp_path / "unet")
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    args = (
+        torch.randn(1, 4, 8, 8),
+        torch.tensor([700.0]),
+        torch.randn(1, 5, 16),
+        guidance_embedding(torch.tensor([4.0]), 16),
+    )
+    with torch.no_grad():
+        want = s(*args[:2], encoder_hidden_states=args[2], timestep_cond=args[3]).sample
+        assert torch.equal(want, back(*args[:2], encoder_hidden_states=args[2], timestep_cond=args[3]).sample)
+    s.set_attn_processor(AttnProcessor2_0())
+    names = ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    _export_onnx(_StudentUNet(s), args, tmp_path / "unet.onnx", names, ["noise_pred"])
+    (got,) = ort.InferenceSession(str(tmp_path / "unet.onnx")).run(
+        None, {n: a.numpy() for n, a in zip(names, args, strict=True)}
+    )
+    assert np.abs(got - want.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "down, up",
+    [
+        (("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        (("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    ],
+    ids=["no attention there", "its only attention there"],
+)
+def test_pruning_keeps_every_block_where_it_would_leave_no_attention_or_has_none_to_leave_out(down, up):
+    t = _three_levels(down, up)
+    s = student_from(t, 16, prune=True)
+    assert s.config.down_block_types == t.config.down_block_types and s.config.mid_block_type == t.config.mid_block_type
+
+
 def test_distil_writes_a_student_that_serves_in_few_steps(student, micro_prepared):
     out, result = student
     info = json.loads((out / "model" / "blossom.json").read_text())["distilled"]
     assert info["default_steps"] == 4 and info["sampler"] == "tcd" and info["guidance_embedding_dim"] == 16
+    assert info["pruned"] is False  # the micro UNet's lowest level holds its only attention: nothing to spare
     assert [h[0] for h in result["loss_history"]] == [1, 2, 3, 4]
     assert (
         json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "TCDScheduler"

@@ -157,6 +157,10 @@ class DistillConfig:
     guidance_embedding_dim: int = 256  # diffusers time_cond_proj_dim
     default_steps: int = 4
     max_steps: int = 8  # the most steps the student is served with; more only blurs
+    # The student leaves out the attention blocks and the mid-block at the UNet's lowest resolution
+    # (structural pruning, as BK-SDM's block removal): on tiny its image is ~6 ms (a quarter) faster
+    # with the same adherence (docs/fast.md). Not measured on the larger presets, which keep every block.
+    prune_lowest_level: bool = True
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 25

@@ -1,7 +1,8 @@
 """`blossom distill`: latent consistency distillation (LCM, Luo et al. 2023) of a trained model.
 
 The student starts as a copy of the teacher's UNet plus a guidance-embedding input (diffusers'
-`time_cond_proj_dim`, zero-initialised, so step 0 is the teacher). Each step, from the latent/text
+`time_cond_proj_dim`, zero-initialised, so step 0 is the teacher), by default less the attention
+and mid-block at its lowest resolution (`distill.prune_lowest_level`). Each step, from the latent/text
 cache: noise a latent to a timestep t_n on the teacher's DDIM grid; the teacher, with classifier-
 free guidance at a scale w drawn from [guidance_min, guidance_max], takes one DDIM step to
 t_{n-k}; the student at t_n must land where the target network (an EMA of the student) lands from
@@ -59,13 +60,40 @@ def x0_eps(pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas: torch.T
     return (x - (1 - a).sqrt() * pred) / a.sqrt(), pred
 
 
-def student_from(teacher, dim: int):
-    """The teacher's UNet with a guidance-embedding input whose projection starts at zero."""
+# A pruned student's blocks at the UNet's lowest resolution: each attention block there becomes its
+# plain counterpart (the same resnets and resamplers, by the same names), and the mid-block goes.
+PLAIN = {"CrossAttnDownBlock2D": "DownBlock2D", "CrossAttnUpBlock2D": "UpBlock2D"}
+
+
+def pruned_config(config: dict) -> dict | None:
+    """`config` without the attention and the mid-block at the lowest resolution (distill.
+    prune_lowest_level), or None where it has no such attention blocks or no other level with
+    attention: a student without cross-attention would read the prompt only through its pooled
+    embedding, if at all."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    if down[-1] not in PLAIN or up[0] not in PLAIN or not any(b in PLAIN for b in down[:-1]):
+        return None
+    down[-1], up[0] = PLAIN[down[-1]], PLAIN[up[0]]
+    return {**config, "down_block_types": down, "up_block_types": up, "mid_block_type": None}
+
+
+def student_from(teacher, dim: int, prune: bool = False):
+    """The teacher's UNet with a guidance-embedding input whose projection starts at zero, so the
+    student starts as the teacher; with `prune`, less the blocks `pruned_config` leaves out (where
+    it leaves any), the rest of its weights the teacher's."""
     from diffusers import UNet2DConditionModel
 
-    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": dim})
+    # without diffusers' private keys: a config's `_use_default_values` would override what is set here
+    config = {**{k: v for k, v in teacher.config.items() if not k.startswith("_")}, "time_cond_proj_dim": dim}
+    lean = pruned_config(config) if prune else None
+    student = UNet2DConditionModel.from_config(lean or config)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any("cond_proj" not in k for k in missing):
+    left_out = (
+        "mid_block.",
+        f"down_blocks.{len(config['down_block_types']) - 1}.attentions.",
+        "up_blocks.0.attentions.",
+    )
+    if any(not (lean and k.startswith(left_out)) for k in unexpected) or any("cond_proj" not in k for k in missing):
         raise ModelError(f"the teacher's UNet does not fit its student ({(missing + unexpected)[:3]}): report it")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student
@@ -135,7 +163,13 @@ def distill(
     torch.manual_seed(d.seed)
     data = CacheSplit(cache_dir, "train")
     null_text = data.null_text
-    student = fit_attention(student_from(teacher, d.guidance_embedding_dim).to(rt.device), rt.device)
+    student = student_from(teacher, d.guidance_embedding_dim, d.prune_lowest_level)
+    if d.prune_lowest_level and pruned_config(dict(teacher.config)) is None and rt.main:
+        log.warning(
+            "distill.prune_lowest_level: the teacher has no attention at its lowest level, or none elsewhere, "
+            "so the student keeps every block"
+        )
+    student = fit_attention(student.to(rt.device), rt.device)
     fit_attention(teacher.to(rt.device), rt.device)
     target = copy.deepcopy(student).requires_grad_(False).eval()
     # The target network's weights live in an EMA at a fixed decay (min_decay = decay: no warm-up),
@@ -247,7 +281,8 @@ def distill(
 def write_student_files(
     teacher_dir: Path, folder: Path, cfg: Config, info: dict, result: dict, tiny_decoder=None
 ) -> None:
-    """tiny_decoder: the AutoencoderTiny (models.load_tiny_decoder) the student decodes with, or None
+    """Everything of the student's folder but its UNet, which is already in `folder`/unet.
+    tiny_decoder: the AutoencoderTiny (models.load_tiny_decoder) the student decodes with, or None
     for the teacher's VAE."""
     d = cfg.distill
     if tiny_decoder is not None:
@@ -266,6 +301,8 @@ def write_student_files(
         return json.loads((teacher_dir / name).read_text()) if (teacher_dir / name).exists() else {}
 
     teacher_info = read("train.json")
+    blocks = [json.loads((f / "unet" / "config.json").read_text())["down_block_types"] for f in (teacher_dir, folder)]
+    pruned = blocks[0] != blocks[1]
     write_json(
         folder / "blossom.json",
         {
@@ -278,6 +315,7 @@ def write_student_files(
                 "guidance_range": [d.guidance_min, d.guidance_max],
                 "guidance_embedding_dim": d.guidance_embedding_dim,
                 "decoder": "tiny" if tiny_decoder is not None else "teacher's",
+                "pruned": pruned,
                 "teacher_run": read("champion.json").get("run_id"),  # the MLflow run, for a champion
             },
         },
