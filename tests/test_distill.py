@@ -125,6 +125,17 @@ def test_a_pruned_student_leaves_out_the_lowest_levels_attention_and_keeps_the_r
     assert np.abs(got - want.numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("pruned", [True, False])
+def test_the_card_says_whether_the_student_is_pruned(tmp_path, pruned):
+    from blossom.publish import fast_section
+
+    info = {"method": "latent consistency distillation", "default_steps": 4, "max_steps": 8}
+    info |= {"guidance_range": [2.0, 8.0], "sampler": "tcd", "decoder": "teacher's", "pruned": pruned}
+    (tmp_path / "fast").mkdir()
+    (tmp_path / "fast" / "blossom.json").write_text(json.dumps({"distilled": info}))
+    assert ("Its UNet is pruned" in "\n".join(fast_section(tmp_path, "you/x", 3.0))) is pruned
+
+
 @pytest.mark.parametrize(
     "down, up",
     [

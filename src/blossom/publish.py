@@ -131,6 +131,12 @@ def fast_section(folder: Path, repo_id: str, guidance: float) -> list[str]:
             "much faster at large sizes, a little less detail."
             if info.get("decoder") == "tiny"
             else ""
+        )
+        + (
+            " Its UNet is pruned: no attention and no mid-block at the lowest resolution, the rest of this model's "
+            "weights as they were before distillation, so each step costs less."
+            if info.get("pruned")
+            else ""
         ),
         "",
         "```python",
