@@ -69,6 +69,8 @@ def test_type_a_prompt_generate_and_download(served, browser, backend, model_fol
     summary = page.get_by_text("image(s) in").inner_text()
     assert summary.startswith("4 image(s) in") and backend in summary
     page.get_by_role("button", name="Download PNG").nth(3).wait_for(timeout=30_000)
+    # the browser may draw the images after their buttons (a CI run counted 0 there): wait for them
+    page.locator("[data-testid='stImage'] img").nth(3).wait_for(timeout=30_000)
     assert page.locator("[data-testid='stImage'] img").count() == 4
 
     with page.expect_download() as download:
