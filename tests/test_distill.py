@@ -1,6 +1,6 @@
-"""Few-step distillation: the student's pieces match diffusers' LCM, it starts as the teacher,
-resumes exactly, samples the same image in blossom and in diffusers' own pipeline, and exports
-to ONNX within the parity bar."""
+"""Few-step distillation: the student's pieces match diffusers' LCM, it starts as the teacher
+(pruned, as the rest of the teacher), resumes exactly, samples the same image in blossom and in
+diffusers' own pipeline, and exports to ONNX within the parity bar."""
 
 from __future__ import annotations
 
