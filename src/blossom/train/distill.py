@@ -164,7 +164,8 @@ def distill(
     data = CacheSplit(cache_dir, "train")
     null_text = data.null_text
     student = student_from(teacher, d.guidance_embedding_dim, d.prune_lowest_level)
-    if d.prune_lowest_level and pruned_config(dict(teacher.config)) is None and rt.main:
+    kept_all = list(student.config.down_block_types) == list(teacher.config.down_block_types)
+    if d.prune_lowest_level and kept_all and rt.main:
         log.warning(
             "distill.prune_lowest_level: the teacher has no attention at its lowest level, or none elsewhere, "
             "so the student keeps every block"
