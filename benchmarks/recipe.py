@@ -8,6 +8,9 @@ Prints one row per variant and draws adherence against training minutes.
     .venv/bin/python benchmarks/recipe.py --variant base: --variant lr2e-3:train.lr=2e-3 \
         [--outputs outputs] [--work /tmp/recipe] [--plot docs/quality.png]
 
+Variants named RECIPE@BUDGET (now@500:train.steps=500, now@1000:...) are drawn as one line per
+recipe: adherence against training minutes.
+
 Nothing else may run on the machine meanwhile: the minutes are the measurement.
 """
 
@@ -48,6 +51,15 @@ def run_variant(name: str, sets: list[str], outputs: Path, work: Path) -> dict:
     return {"name": name, "sets": sets, "train": train, "metrics": metrics}
 
 
+def recipes(rows: list[dict]) -> dict[str, list[dict]]:
+    """Variants named RECIPE@BUDGET (e.g. now@500, now@1000) are one recipe at several training
+    budgets: drawn as one line, in training minutes."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["name"].split("@")[0], []).append(r)
+    return {k: sorted(v, key=lambda r: r["train"]["train_seconds_this_run"]) for k, v in groups.items()}
+
+
 def cell(s: dict) -> str:
     return f"{s['acc']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]"
 
@@ -85,26 +97,26 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-        for ax, (key, split, title) in zip(
+        for ax, (key, split, title, chance) in zip(
             axes,
             (
-                ("petal_count", "all", "petal count"),
-                ("petal_shape", "all", "petal shape"),
-                ("petal_color", "held_out", "colour, held-out pairs"),
+                ("petal_count", "all", "petal count", 1 / 6),
+                ("petal_shape", "all", "petal shape", 1 / 3),
+                ("petal_color", "held_out", "colour, held-out pairs", 1 / 8),
             ),
             strict=True,
         ):
-            for r in rows:
-                s = r["metrics"]["adherence"]["template"][split][key]
-                x = r["train"]["train_seconds_this_run"] / 60
+            for recipe, group in recipes(rows).items():
+                cells = [r["metrics"]["adherence"]["template"][split][key] for r in group]
                 ax.errorbar(
-                    [x],
-                    [s["acc"]],
-                    yerr=[[s["acc"] - s["lo"]], [s["hi"] - s["acc"]]],
-                    fmt="o",
+                    [r["train"]["train_seconds_this_run"] / 60 for r in group],
+                    [c["acc"] for c in cells],
+                    yerr=[[c["acc"] - c["lo"] for c in cells], [c["hi"] - c["acc"] for c in cells]],
+                    fmt="o-" if len(group) > 1 else "o",
                     capsize=3,
-                    label=r["name"],
+                    label=recipe,
                 )
+            ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
             ax.set_title(title)
             ax.set_xlabel("training minutes (2 cores)")
             ax.set_ylim(0, 1.02)
