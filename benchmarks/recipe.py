@@ -8,7 +8,7 @@ Prints one row per variant and draws adherence against training minutes.
     .venv/bin/python benchmarks/recipe.py --variant base: --variant lr2e-3:train.lr=2e-3 \
         [--outputs outputs] [--work /tmp/recipe] [--plot docs/quality.png]
 
-Variants named RECIPE@BUDGET (now@500:train.steps=500, now@1000:...) are drawn as one line per
+Variants named RECIPE@BUDGET (today@500:train.steps=500, today@1000:...) are drawn as one line per
 recipe: adherence against training minutes.
 
 Nothing else may run on the machine meanwhile: the minutes are the measurement.
@@ -52,7 +52,7 @@ def run_variant(name: str, sets: list[str], outputs: Path, work: Path) -> dict:
 
 
 def recipes(rows: list[dict]) -> dict[str, list[dict]]:
-    """Variants named RECIPE@BUDGET (e.g. now@500, now@1000) are one recipe at several training
+    """Variants named RECIPE@BUDGET (e.g. today@500, today@1000) are one recipe at several training
     budgets: drawn as one line, in training minutes."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
