@@ -77,6 +77,11 @@ def pruned_config(config: dict) -> dict | None:
     return {**config, "down_block_types": down, "up_block_types": up, "mid_block_type": None}
 
 
+def is_pruned(teacher_config, student_config) -> bool:
+    """Whether a student built by `student_from` left blocks out (its block types are the teacher's otherwise)."""
+    return list(student_config["down_block_types"]) != list(teacher_config["down_block_types"])
+
+
 def student_from(teacher, dim: int, prune: bool = False):
     """The teacher's UNet with a guidance-embedding input whose projection starts at zero, so the
     student starts as the teacher; with `prune`, less the blocks `pruned_config` leaves out (where
@@ -164,8 +169,7 @@ def distill(
     data = CacheSplit(cache_dir, "train")
     null_text = data.null_text
     student = student_from(teacher, d.guidance_embedding_dim, d.prune_lowest_level)
-    kept_all = list(student.config.down_block_types) == list(teacher.config.down_block_types)
-    if d.prune_lowest_level and kept_all and rt.main:
+    if d.prune_lowest_level and not is_pruned(teacher.config, student.config) and rt.main:
         log.warning(
             "distill.prune_lowest_level: the teacher has no attention at its lowest level, or none elsewhere, "
             "so the student keeps every block"
@@ -302,8 +306,7 @@ def write_student_files(
         return json.loads((teacher_dir / name).read_text()) if (teacher_dir / name).exists() else {}
 
     teacher_info = read("train.json")
-    blocks = [json.loads((f / "unet" / "config.json").read_text())["down_block_types"] for f in (teacher_dir, folder)]
-    pruned = blocks[0] != blocks[1]
+    unet_configs = [json.loads((f / "unet" / "config.json").read_text()) for f in (teacher_dir, folder)]
     write_json(
         folder / "blossom.json",
         {
@@ -316,7 +319,7 @@ def write_student_files(
                 "guidance_range": [d.guidance_min, d.guidance_max],
                 "guidance_embedding_dim": d.guidance_embedding_dim,
                 "decoder": "tiny" if tiny_decoder is not None else "teacher's",
-                "pruned": pruned,
+                "pruned": is_pruned(*unet_configs),
                 "teacher_run": read("champion.json").get("run_id"),  # the MLflow run, for a champion
             },
         },
