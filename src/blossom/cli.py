@@ -290,13 +290,9 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
     import json
 
     from blossom import report
-    from blossom.config import with_launcher
-    from blossom.fsutil import write_json
-    from blossom.train.distill import distill
+    from blossom.fsutil import write_json, write_text
 
     if args.if_enabled and not cfg.distill.enabled:
-        from blossom.fsutil import write_text
-
         # DVC needs the stage's outputs to exist, and warns of an empty one: placeholders that
         # export, generate and resuming pass over (a student distilled earlier by hand is left
         # alone; export checks whose student it is)
@@ -304,11 +300,12 @@ def cmd_distill(cfg: Config, paths: Paths, args) -> dict:
             (paths.distill / name).mkdir(parents=True, exist_ok=True)
             if not any((paths.distill / name).iterdir()):
                 write_text(paths.distill / name / SKIPPED, "distill.enabled is false: nothing distilled\n")
-        from blossom import report
-
         report.write_metrics(paths.root, "distill", {"enabled": False})
         print("distill: skipped (set distill.enabled=true to distil the champion into a few-step model)")
         return {}
+    from blossom.config import with_launcher
+    from blossom.train.distill import distill  # after the skip: the skipped DVC stage needs no torch
+
     launch = launch_env()
     cfg = with_launcher(cfg, launch)
     teacher = Path(args.teacher) if args.teacher else paths.champion
